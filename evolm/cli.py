@@ -1,0 +1,165 @@
+"""evolm's command line: ``evolm run EXPERIMENT`` and friends.
+
+User mistakes (``EvolmError``) end with one ``error: ...`` line and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from evolm.errors import EvolmError, RunDirError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        return args.func(args)
+    except EvolmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evolm", description="Continual evolutionary LoRA search: for each stage of data, evolve "
+        "LoRA genomes (DEAP), evaluate them with real fine-tunes (Ray), merge the winner into the model.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run an experiment YAML; results land in <output_dir>/<run name>/",
+                         description="Run an experiment: every stage's search, merge and evaluation. "
+                         "Writes config.yaml, evaluations.jsonl, generations.jsonl, loss_matrix.json, "
+                         "summary.json and models/stage-<k>/ (Hugging Face checkpoints) into the run directory.")
+    run.add_argument("experiment", type=Path, help="experiment YAML, e.g. experiments/quickstart.yaml")
+    run.add_argument("--name", help="run directory name (default: <experiment name>-<yyyymmdd-hhmmss>)")
+    run.add_argument("--ray-address", help="join this Ray cluster (auto or host:port) instead of starting one")
+    run.add_argument("--workers", type=int, help="evaluations at once (overrides ray.num_workers)")
+    run.add_argument("--seed", type=int, help="run seed (overrides seed)")
+    run.add_argument("--no-ray", action="store_true", help="evaluate in this process, one at a time (debugging)")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from evolm.config import load_config
+
+    overrides = {}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.workers is not None:
+        if args.workers < 1:
+            raise EvolmError(f"--workers must be at least 1 (got {args.workers})")
+        overrides["ray.num_workers"] = args.workers
+    config = load_config(args.experiment, overrides)
+    name = args.name or f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = config.output_dir / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir} already exists and is not empty; choose another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run {name}: {len(config.stages)} stages, population {config.search.population_size}, "
+          f"{config.search.generations} generations, results in {run_dir}", flush=True)
+    _quiet_libraries()
+    from evolm.continual import ContinualRun
+
+    summaries = ContinualRun(config, run_dir, lambda: _executor(config, args), ConsoleReporter()).run()
+    print(stage_table(summaries))
+    print(f"models: {run_dir / 'models'}")
+    return 0
+
+
+def _executor(config, args):
+    from evolm.executor import LocalExecutor, RayExecutor
+
+    if args.no_ray:
+        return LocalExecutor(threads=max(1, int(config.ray.num_cpus_per_trial)))
+    return RayExecutor(config.ray, address=args.ray_address, workers=config.ray.num_workers)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def stage_table(summaries: list[dict]) -> str:
+    rows = [("stage", "test loss start -> end", "winner", "genome")]
+    for s in summaries:
+        w = s["winner"]
+        rows.append((f"{s['stage']} {s['name']}", f"{s['start_loss']:.4f} -> {s['end_loss']:.4f}",
+                     w["id"], _genome_text(w["values"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def _genome_text(values: dict) -> str:
+    parts = []
+    for k, v in values.items():
+        if k == "layers":
+            v = "".join("1" if on else "0" for on in v)
+        elif isinstance(v, float):
+            v = f"{v:.3g}"
+        elif isinstance(v, list):
+            v = "+".join(map(str, v))
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+class ConsoleReporter:
+    """Progress for people: a bar of evaluations in a terminal, plain lines in logs."""
+
+    def __init__(self, stream=sys.stdout):
+        self.stream, self.bar, self.tty = stream, None, stream.isatty()
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        self._line(text)
+
+    def generation_start(self, stage: int, generation: int, todo: int) -> None:
+        self.started = time.perf_counter()
+        if self.tty and todo:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=todo, desc=f"stage {stage} gen {generation}", leave=False, file=sys.stderr,
+                            unit="eval")
+
+    def evaluation_done(self, record: dict) -> None:
+        if self.bar is not None and not record["cached"]:
+            self.bar.update(1)
+
+    def generation_end(self, r: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        fmt = lambda x: "  n/a " if x is None else f"{x:.4f}"  # noqa: E731
+        self._line(f"stage {r['stage']} {r['stage_name']} gen {r['generation']}: best {fmt(r['best'])} "
+                   f"median {fmt(r['median'])} worst {fmt(r['worst'])} | {r['evaluations']} evals, "
+                   f"{r['failed']} failed, {r['seconds']:.1f}s")
+
+    def stage_end(self, s: dict) -> None:
+        self._line(f"stage {s['stage']} {s['name']} merged {s['winner']['id']}: test loss "
+                   f"{s['start_loss']:.4f} -> {s['end_loss']:.4f} ({s['evaluations']} evals, {s['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Typed experiment config: one pydantic model per YAML section, every field documented once.
+
+``load_config`` turns a YAML file into an ``ExperimentConfig`` or raises ``ConfigError`` whose
+message names the field path (``stages[1].train``) and what to change. Relative data paths are
+resolved against the experiment file's folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from evolm.errors import ConfigError
+from evolm.space import Gene
+
+# Gene names the training loop understands; a gene outside this list would silently do nothing.
+KNOWN_GENES = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers", "learning_rate",
+               "max_steps", "weight_decay", "warmup_ratio", "per_device_train_batch_size")
+
+# LoRA targets per model family: (attention only, attention + output, all linear layers).
+TARGET_MODULES = {
+    "gpt2": [["c_attn"], ["c_attn", "c_proj"], ["c_attn", "c_proj", "c_fc"]],
+    "llama": [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"],
+              ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class DataSource(Section):
+    format: Literal["text", "jsonl", "qa"] = "text"
+    """text: documents separated by blank lines; jsonl: one JSON object per line (``text_field``);
+    qa: JSON lines with question/answer fields turned into text by ``template``."""
+    train: Path
+    """Training file (or the only file, when validation/test are derived from it)."""
+    validation: Path | None = None
+    """Validation file; derived deterministically from ``train`` when left out."""
+    test: Path | None = None
+    """Test file (never used for selection); derived deterministically from ``train`` when left out."""
+    text_field: str = "text"
+    """jsonl: the field that holds the text."""
+    template: str = "Question: {question}\nAnswer: {answer}"
+    """qa: how a record becomes text; ``{field}`` placeholders name record fields."""
+    validation_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    """Share of documents held out for validation when no validation file is given."""
+    test_fraction: float = Field(default=0.05, gt=0, lt=0.5)
+    """Share of documents held out for test when no test file is given."""
+    max_documents: int | None = Field(default=None, ge=1)
+    """Use at most this many documents of each file (a quick way to shrink a stage)."""
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _exists(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        base = Path((info.context or {}).get("base_dir", "."))
+        full = (base / path).resolve() if not path.is_absolute() else path
+        if not full.is_file():
+            raise ValueError(f"file not found: {full} (fix the path, or prepare the data with "
+                             f"`python experiments/data/prepare.py`)")
+        return full
+
+
+class StageConfig(DataSource):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Short name of the stage (letters, digits, ``_ . -``); used in logs, files and plots."""
+
+
+class PretrainConfig(DataSource):
+    """A full fine-tune of a freshly built model on a general domain, before the LoRA stages."""
+
+    name: str = "general"
+    max_steps: int = Field(default=300, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    per_device_train_batch_size: int = Field(default=16, ge=1)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class BuildConfig(Section):
+    """A small causal LM built from a config (no download)."""
+
+    family: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = Field(default=4, ge=1)
+    """Number of transformer blocks."""
+    n_embd: int = Field(default=128, ge=8)
+    """Hidden size."""
+    n_head: int = Field(default=4, ge=1)
+    vocab_size: int = Field(default=2048, ge=300)
+    """Vocabulary of the BPE tokenizer trained on the run's own data."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = None
+    """A Hugging Face hub id or a local model directory (with its tokenizer)."""
+    build: BuildConfig | None = None
+    """Build a small model from a config instead (mutually exclusive with ``name_or_path``)."""
+    pretrain: PretrainConfig | None = None
+    """Optional first full fine-tune on a general domain, so the base already knows something."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name_or_path is None) == (self.build is None):
+            raise ValueError("set exactly one of model.name_or_path (hub id or local dir) or model.build")
+        return self
+
+
+class TrainingConfig(Section):
+    """Hyperparameters used for every gene that is not in the search space."""
+
+    r: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16, gt=0)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """Default: the attention projections of the model family."""
+    learning_rate: float = Field(default=2e-4, gt=0)
+    max_steps: int = Field(default=50, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    per_device_train_batch_size: int = Field(default=8, ge=1)
+    eval_batch_size: int = Field(default=16, ge=1)
+    eval_max_batches: int | None = Field(default=None, ge=1)
+    """Cap on validation batches per evaluation (None: the whole validation split)."""
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+
+class SearchConfig(Section):
+    population_size: int = Field(default=6, ge=2)
+    """mu: genomes kept from generation to generation (and carried to the next stage)."""
+    offspring_size: int = Field(default=6, ge=1)
+    """lambda: new genomes made by crossover or mutation in each generation."""
+    generations: int = Field(default=3, ge=0)
+    """Generations of variation per stage, after the population is (re-)evaluated on the stage."""
+    tournament_size: int = Field(default=3, ge=2)
+    elitism: int = Field(default=1, ge=0)
+    """The best this-many genomes always survive selection."""
+    crossover_prob: float = Field(default=0.5, ge=0, le=1)
+    mutation_prob: float = Field(default=0.5, ge=0, le=1)
+    space: dict[str, Gene | None] = Field(default_factory=dict)
+    """Genes added to, or replacing, the default space; ``null`` removes a default gene."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.crossover_prob + self.mutation_prob > 1:
+            raise ValueError(f"crossover_prob + mutation_prob must be <= 1 "
+                             f"(now {self.crossover_prob} + {self.mutation_prob})")
+        if self.elitism > self.population_size:
+            raise ValueError(f"elitism ({self.elitism}) must be <= population_size ({self.population_size})")
+        for name, gene in self.space.items():
+            if name not in KNOWN_GENES:
+                raise ValueError(f"space.{name}: unknown gene; known genes: {', '.join(KNOWN_GENES)}")
+            if gene is None:
+                continue
+            if (name == "layers") != (gene.type == "layer_mask"):
+                raise ValueError(f"space.{name}: only the gene 'layers' is a layer_mask")
+            if name == "target_modules" and gene.type != "categorical":
+                raise ValueError("space.target_modules must be categorical (choices: lists of module names)")
+        return self
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """Join an existing cluster (``auto`` or ``host:port``); default: start a local Ray."""
+    num_workers: int = Field(default=2, ge=1)
+    """Evaluations running at once."""
+    num_cpus_per_trial: float = Field(default=1, gt=0)
+    """CPUs per evaluation; torch threads follow it."""
+    num_gpus_per_trial: float = Field(default=0, ge=0)
+    """GPUs per evaluation (fractions allowed); a trial with a GPU trains on it, in bf16 where supported."""
+    dashboard: bool = False
+    """Start Ray's dashboard (bound to 127.0.0.1) with a local cluster."""
+    max_retries: int = Field(default=2, ge=0)
+    """Retries of an evaluation whose worker process died."""
+
+
+class ExperimentConfig(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Experiment name; runs are ``<output_dir>/<name>-<yyyymmdd-hhmmss>`` unless --name is given."""
+    seed: int = 0
+    output_dir: Path = Path("results")
+    """Where runs land, relative to the current directory."""
+    block_size: int = Field(default=128, ge=8)
+    """Tokens per training / evaluation sequence."""
+    model: ModelConfig
+    stages: list[StageConfig] = Field(min_length=1)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self):
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        if self.model.pretrain is not None and self.model.pretrain.name in names:
+            raise ValueError(f"model.pretrain.name '{self.model.pretrain.name}' is also a stage name")
+        return self
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML; ``overrides`` are dotted keys (``{"seed": 3}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found (give the path of a YAML file, e.g. "
+                          f"experiments/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the experiment as UTF-8") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: malformed YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the experiment must be a YAML mapping (name:, model:, stages:, ...)")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_config(raw, base_dir=path.parent, source=str(path))
+
+
+def parse_config(raw: dict, base_dir: Path = Path("."), source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    where = _field_path(error["loc"]) or "(top level)"
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key; remove it or check its spelling"
+    if kind == "missing":
+        return f"{where}: required field is missing; add it"
+    if kind.startswith("union_tag") or kind == "union_tag_invalid":
+        return f"{where}: {msg}; gene types are categorical, int, uniform, log_uniform, bool, layer_mask"
+    msg = msg.removeprefix("Value error, ")
+    if kind in ("value_error", "assertion_error"):
+        return f"{where}: {msg}"
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("categorical", "int", "uniform", "log_uniform", "bool", "layer_mask"):
+            continue  # the discriminator's branch name is noise in a path the user reads
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override {dotted}: {part} is not a section")
+    node[last] = value
+
+
+def resolve_space(config: ExperimentConfig, family: str, n_layers: int) -> dict[str, Any]:
+    """The search space of a run: the default space for the model family, then the YAML's genes."""
+    from evolm.space import bind_layers
+
+    space = default_space(config, family)
+    for name, gene in config.search.space.items():
+        if gene is None:
+            space.pop(name, None)
+        else:
+            space[name] = gene
+    if not space:
+        raise ConfigError("search.space: every gene was removed; keep at least one gene to search")
+    try:
+        return bind_layers(space, n_layers)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def default_space(config: ExperimentConfig, family: str) -> dict[str, Any]:
+    from pydantic import TypeAdapter
+
+    steps = config.training.max_steps
+    raw = {
+        "r": {"type": "categorical", "choices": [2, 4, 8, 16]},
+        "lora_alpha": {"type": "categorical", "choices": [4, 8, 16, 32]},
+        "lora_dropout": {"type": "uniform", "low": 0.0, "high": 0.2},
+        "layers": {"type": "layer_mask"},
+        "learning_rate": {"type": "log_uniform", "low": 1e-4, "high": 1e-2},
+        "max_steps": {"type": "int", "low": max(1, steps // 2), "high": max(1, steps * 2)},
+        "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+        "warmup_ratio": {"type": "uniform", "low": 0.0, "high": 0.2},
+    }
+    if family in TARGET_MODULES:
+        raw["target_modules"] = {"type": "categorical", "choices": TARGET_MODULES[family]}
+    adapter = TypeAdapter(Gene)
+    return {name: adapter.validate_python(spec) for name, spec in raw.items()}
+
+
+def default_target_modules(family: str) -> list[str]:
+    if family not in TARGET_MODULES:
+        raise ConfigError(f"training.target_modules: no default for model type '{family}'; "
+                          f"list the module names to adapt (e.g. [q_proj, v_proj])")
+    return TARGET_MODULES[family][0]
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

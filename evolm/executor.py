@@ -1,0 +1,171 @@
+"""Where evaluations run: in-process (``LocalExecutor``) or on Ray workers (``RayExecutor``).
+
+Both take the stage once (``set_stage``) and then ``map`` evaluation requests, calling back as
+each result arrives. Only this module imports Ray. A failing evaluation is data, not a crash:
+the result says ``status: failed`` with the error, and the search gives it the worst fitness.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from evolm.config import RayConfig
+from evolm.errors import ClusterError
+from evolm.models import ModelPayload
+from evolm.train import evaluate_genome, pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalRequest:
+    genome_id: str
+    hp: dict
+    seed: int
+
+
+@dataclass
+class StagePayload:
+    """What every worker needs for a stage: the base model, the token blocks, evaluation settings."""
+
+    key: str
+    model: ModelPayload
+    blocks: dict
+    training: dict
+
+
+class _StageRunner:
+    """Holds one stage's base model in a process and runs requests against it."""
+
+    def __init__(self, threads: int, use_gpu: bool):
+        torch.set_num_threads(threads)
+        self.device = pick_device(use_gpu)
+        self.key, self.model, self.stage = None, None, None
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def load(self, stage: StagePayload) -> None:
+        if stage.key != self.key:  # the base model is built once per stage per worker
+            self.model, self.stage, self.key = stage.model.build().to(self.device), stage, stage.key
+
+    def run(self, request: EvalRequest) -> dict:
+        start = time.perf_counter()
+        try:
+            result = evaluate_genome(self.model, self.stage.blocks, request.hp, request.seed,
+                                     self.stage.training, self.device)
+            loss = result["objectives"]["val_loss"]
+            if not math.isfinite(loss):
+                result.update(status="failed", error=f"non-finite validation loss ({loss})", adapter=None)
+            else:
+                result["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure of one genome is recorded, not raised
+            if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                      "traceback": traceback.format_exc(limit=8), "objectives": {}, "adapter": None}
+        result.update(genome_id=request.genome_id, seconds=time.perf_counter() - start, worker=self.worker)
+        return result
+
+
+class LocalExecutor:
+    """Evaluations one after another in this process (tests, debugging, ``--no-ray``)."""
+
+    def __init__(self, threads: int = 1):
+        self.runner = _StageRunner(threads, use_gpu=False)
+        self.workers = 1
+
+    def set_stage(self, stage: StagePayload) -> None:
+        self.runner.load(stage)
+
+    def map(self, requests: list[EvalRequest], on_result: Callable[[dict], None]) -> None:
+        for request in requests:
+            on_result(self.runner.run(request))
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Evaluations spread over Ray actors, one per concurrent trial, on a local or joined cluster."""
+
+    def __init__(self, cfg: RayConfig, address: str | None = None, workers: int | None = None):
+        import ray
+
+        self.ray = ray
+        self.cfg, self.workers = cfg, workers or cfg.num_workers
+        address = address or cfg.address
+        if not ray.is_initialized():
+            try:
+                if address:
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+                else:
+                    ray.init(num_cpus=math.ceil(self.workers * cfg.num_cpus_per_trial),
+                             num_gpus=math.ceil(self.workers * cfg.num_gpus_per_trial) or None,
+                             include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+                             log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ClusterError(f"cannot start or join Ray (address={address or 'local'}): {exc}; "
+                                   f"check ray.address / --ray-address") from None
+        threads = max(1, int(cfg.num_cpus_per_trial))
+        worker_cls = ray.remote(_RayWorker).options(
+            num_cpus=cfg.num_cpus_per_trial, num_gpus=cfg.num_gpus_per_trial,
+            max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)
+        self.actors = [worker_cls.remote(threads, cfg.num_gpus_per_trial > 0) for _ in range(self.workers)]
+        self.stage_ref = None
+
+    def set_stage(self, stage: StagePayload) -> None:
+        # One object in the store per stage; each worker fetches it once, when the key changes.
+        self.stage_key, self.stage_ref = stage.key, self.ray.put(stage)
+
+    def map(self, requests: list[EvalRequest], on_result: Callable[[dict], None]) -> None:
+        ray = self.ray
+        pending, idle, running = list(reversed(requests)), list(self.actors), {}
+        while pending or running:
+            while pending and idle:
+                actor, request = idle.pop(), pending.pop()
+                # The stage ref is wrapped in a list so Ray does not fetch it for every call.
+                running[actor.run.remote(self.stage_key, [self.stage_ref], request)] = (actor, request)
+            try:
+                done, _ = ray.wait(list(running), num_returns=1)
+            except ray.exceptions.RaySystemError as exc:
+                raise ClusterError(f"lost the Ray cluster: {exc}; resume the run when it is back") from None
+            for ref in done:
+                actor, request = running.pop(ref)
+                idle.append(actor)
+                on_result(self._result(ref, request))
+
+    def _result(self, ref, request: EvalRequest) -> dict:
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as exc:  # the worker died more often than max_retries
+            return {"status": "failed", "error": f"worker died: {str(exc).splitlines()[0]}", "objectives": {},
+                    "adapter": None, "genome_id": request.genome_id, "seconds": 0.0, "worker": None}
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+
+
+class _RayWorker:
+    def __init__(self, threads: int, use_gpu: bool):
+        self.runner = _StageRunner(threads, use_gpu)
+
+    def run(self, stage_key: str, stage_ref: list, request: EvalRequest) -> dict:
+        if stage_key != self.runner.key:
+            self.runner.load(self._ray().get(stage_ref[0]))
+        return self.runner.run(request)
+
+    @staticmethod
+    def _ray():
+        import ray
+
+        return ray

@@ -1,0 +1,75 @@
+"""Genome: one assignment of the genes, with a stable id and its provenance.
+
+A genome only holds values; what they mean for PEFT and the training loop is decided here
+(``hyperparameters``, ``lora_config``), so the rest of evolm never interprets gene names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform")
+
+
+@dataclass
+class Genome:
+    values: dict[str, Any]
+    id: str
+    parents: list[str] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    born: tuple[int, int] = (0, 0)
+    """(stage, generation) in which this genome was created."""
+    fitness: Any = None
+    """A DEAP fitness object, attached by the evolution module (objectives to minimise)."""
+
+    def key(self) -> str:
+        """Canonical text of the values: equal keys mean the same genome (the fitness cache key)."""
+        return canonical_json(self.values)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "values": self.values, "parents": self.parents, "ops": self.ops,
+                "born": list(self.born)}
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def make_id(run_seed: int, stage: int, generation: int, index: int) -> str:
+    """Ids are a hash of the genome's birth place, so they are stable across runs and resumes."""
+    digest = hashlib.sha256(f"{run_seed}:{stage}:{generation}:{index}".encode()).hexdigest()
+    return digest[:8]
+
+
+def evaluation_seed(run_seed: int, stage: int, genome_id: str) -> int:
+    """The seed of one evaluation: independent of worker, order of completion and retries."""
+    digest = hashlib.sha256(f"eval:{run_seed}:{stage}:{genome_id}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def hyperparameters(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Gene values over the experiment's defaults; a layer mask becomes ``layers_to_transform``."""
+    hp = dict(defaults)
+    hp.update(values)
+    mask = hp.pop("layers", None)
+    if mask is not None:
+        hp["layers_to_transform"] = [i for i, on in enumerate(mask) if on]
+    return hp
+
+
+def lora_config(hp: dict[str, Any]):
+    """The PEFT ``LoraConfig`` of a genome's hyperparameters."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(hp["r"]),
+        lora_alpha=float(hp["lora_alpha"]),
+        lora_dropout=float(hp["lora_dropout"]),
+        target_modules=list(hp["target_modules"]),
+        layers_to_transform=hp.get("layers_to_transform"),
+        fan_in_fan_out=bool(hp.get("fan_in_fan_out", False)),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,113 @@
+"""Base models and tokenizers: a hub id or local directory, or a small model built from a config.
+
+Built models get a byte-level BPE tokenizer trained on the run's own text, so nothing is
+downloaded. Models travel to Ray workers as a ``ModelPayload`` (config dict + numpy weights),
+which the object store shares without copying.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evolm.config import BuildConfig
+from evolm.errors import ModelError
+
+log = logging.getLogger(__name__)
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``; it can encode any input, no unknown tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   unk_token=EOS)
+
+
+def build_model(build: BuildConfig, vocab_size: int, block_size: int, seed: int):
+    """A freshly initialised causal LM of the given family (weights seeded)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if build.family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=build.n_embd,
+                         n_layer=build.n_layer, n_head=build.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    else:
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=build.n_embd, intermediate_size=4 * build.n_embd,
+                          num_hidden_layers=build.n_layer, num_attention_heads=build.n_head,
+                          num_key_value_heads=build.n_head, max_position_embeddings=block_size,
+                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def load_model(name_or_path: str):
+    """Model and tokenizer from a local directory, or from the hub where the network allows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not (local / "config.json").is_file():
+        raise ModelError(f"model.name_or_path: {local} is not a model directory (no config.json); "
+                         f"give a directory saved with save_pretrained or a hub id")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
+    except (OSError, ValueError) as exc:
+        hint = " (HF_HUB_OFFLINE is set: use a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelError(f"model.name_or_path: cannot load '{name_or_path}'{hint}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"model.name_or_path: the tokenizer of '{name_or_path}' has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def family_and_layers(model) -> tuple[str, int]:
+    cfg = model.config
+    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if not n_layers:
+        raise ModelError(f"cannot tell the number of transformer blocks of model type '{cfg.model_type}'")
+    return cfg.model_type, int(n_layers)
+
+
+@dataclass
+class ModelPayload:
+    """A model as plain data: its config and its weights as numpy arrays (zero-copy in Ray)."""
+
+    config: dict
+    weights: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, model) -> "ModelPayload":
+        return cls(model.config.to_dict(), {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+
+    def build(self):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = dict(self.config)
+        cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        state = {k: torch.from_numpy(np.array(v)) for k, v in self.weights.items()}
+        model.load_state_dict(state, assign=True, strict=True)
+        model.tie_weights()
+        return model.eval()
