@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,16 @@ class ContinualRun:
 
     # ----- the loop -----------------------------------------------------------------------
     def run(self) -> list[dict]:
+        # The driver's own work (pretraining, merges, test losses) always uses the same number of
+        # threads, so its floating-point results do not depend on what ran before in the process.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> list[dict]:
         self.prepare()
         self.evolution = Evolution(self.space, self.config.search, self.config.seed, len(OBJECTIVES))
         offset = len(self.domains) - len(self.config.stages)

@@ -74,9 +74,10 @@ class Integer(_Gene):
         else:
             step = max(1.0, 0.2 * (self.high - self.low))
             new = round(value + rng.gauss(0.0, step))
-        if new == value and self.low < self.high:  # an integer gene must move when mutated
-            new = value + (1 if (rng.random() < 0.5 and value < self.high) or value == self.low else -1)
         new = _clip(int(new), self.low, self.high)
+        if new == value and self.low < self.high:  # an integer gene must move when mutated
+            up = value < self.high and (value == self.low or rng.random() < 0.5)
+            new = value + 1 if up else value - 1
         return new, f"{value} -> {new}"
 
     def contains(self, value):

@@ -1,0 +1,70 @@
+"""Shared fixtures: offline settings, tiny corpora prepared from the stdlib, one Ray session."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_prepare():
+    spec = importlib.util.spec_from_file_location("prepare", ROOT / "experiments" / "data" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory) -> Path:
+    """Small real corpora (prose, code, docstrings, API Q&A) prepared from this Python's stdlib."""
+    out = tmp_path_factory.mktemp("corpora")
+    _load_prepare().prepare(out, max_bytes=60_000, seed=0)
+    return out
+
+
+def tiny_experiment(corpora: Path, out_dir: Path, **overrides) -> dict:
+    """A seconds-long experiment: a 2-block GPT-2, a short pretraining, two LoRA stages."""
+    raw = {
+        "name": "tiny",
+        "seed": 7,
+        "block_size": 32,
+        "output_dir": str(out_dir),
+        "model": {"build": {"family": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 400},
+                  "pretrain": {"train": str(corpora / "general.txt"), "max_steps": 20,
+                               "per_device_train_batch_size": 8}},
+        "stages": [
+            {"name": "code", "format": "text", "train": str(corpora / "code.txt"), "max_documents": 300},
+            {"name": "qa", "format": "qa", "train": str(corpora / "api_qa.jsonl"), "max_documents": 300},
+        ],
+        "search": {"population_size": 3, "offspring_size": 3, "generations": 1,
+                   "space": {"max_steps": {"type": "int", "low": 2, "high": 6}}},
+        "training": {"per_device_train_batch_size": 4, "eval_batch_size": 8, "eval_max_batches": 2},
+        "ray": {"num_workers": 2},
+    }
+    for key, value in overrides.items():
+        raw[key] = value
+    return raw
+
+
+def write_experiment(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the whole test session (ray.init costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
