@@ -8,6 +8,10 @@ One generation, as DEAP's (mu + lambda):
     offspring  = vary(population)            lambda children: crossover | mutation | immigrant
     evaluate(genomes without a valid fitness)
     population = select(population + offspring, mu)   elitism + tournaments
+
+With several objectives (``n_objectives > 1``) the same loop is NSGA-II: parents come from binary
+tournaments on (non-domination rank, crowding distance) and survivors from ``tools.selNSGA2``.
+``pick_winner`` then chooses the genome to merge from the Pareto front by a stated rule.
 """
 from __future__ import annotations
 
@@ -24,6 +28,46 @@ from evolm.genome import Genome, make_id
 def sel_tournament(pool: list[Genome], k: int, tournsize: int, rng: random.Random) -> list[Genome]:
     """k winners of tournaments of ``tournsize`` genomes drawn with replacement."""
     return [max((rng.choice(pool) for _ in range(tournsize)), key=lambda g: g.fitness) for _ in range(k)]
+
+
+def pareto_ranks(genomes: list[Genome]) -> list[int]:
+    """Non-domination rank of each genome (0: the first front), by DEAP's ``sortNondominated``."""
+    rank = {}
+    for r, front in enumerate(tools.sortNondominated(genomes, len(genomes))):
+        for g in front:
+            rank[id(g)] = r
+    return [rank[id(g)] for g in genomes]
+
+
+def crowding_distances(genomes: list[Genome], ranks: list[int]) -> list[float]:
+    """NSGA-II crowding distance of each genome within its front: per objective, the normalised gap
+    between its two neighbours (the extremes get inf); objectives with no finite spread are skipped."""
+    dist = [0.0] * len(genomes)
+    for r in set(ranks):
+        members = [i for i, rank in enumerate(ranks) if rank == r]
+        for m in range(len(genomes[members[0]].fitness.values)):
+            order = sorted(members, key=lambda i: genomes[i].fitness.values[m])
+            lo, hi = genomes[order[0]].fitness.values[m], genomes[order[-1]].fitness.values[m]
+            dist[order[0]] = dist[order[-1]] = math.inf
+            span = hi - lo
+            if not math.isfinite(span) or span == 0:
+                continue
+            for prev, i, nxt in zip(order, order[1:-1], order[2:]):
+                dist[i] += (genomes[nxt].fitness.values[m] - genomes[prev].fitness.values[m]) / span
+    return dist
+
+
+def sel_tournament_crowded(pool: list[Genome], k: int, rng: random.Random) -> list[Genome]:
+    """k winners of binary tournaments: lower non-domination rank wins, then larger crowding
+    distance, then the first drawn (NSGA-II's crowded-comparison operator, on the run's ``rng``)."""
+    ranks = pareto_ranks(pool)
+    crowd = crowding_distances(pool, ranks)
+    winners = []
+    for _ in range(k):
+        i, j = rng.randrange(len(pool)), rng.randrange(len(pool))
+        better_j = (ranks[j], -crowd[j]) < (ranks[i], -crowd[i])
+        winners.append(pool[j] if better_j else pool[i])
+    return winners
 
 
 def cx_uniform(a: dict, b: dict, space: dict, rng: random.Random) -> dict:
@@ -54,6 +98,11 @@ class Evolution:
         self.toolbox.register("mate", cx_uniform, space=space, rng=self.rng)
         self.toolbox.register("mutate", mut_typed, space=space, rng=self.rng)
         self.toolbox.register("select", sel_tournament, tournsize=search.tournament_size, rng=self.rng)
+        if n_objectives < 1:
+            raise ValueError(f"n_objectives must be >= 1. Current value: {n_objectives}")
+        self.n_objectives = n_objectives
+        if n_objectives > 1:  # NSGA-II parents: binary tournaments on (rank, crowding distance)
+            self.toolbox.register("select", sel_tournament_crowded, rng=self.rng)
 
     def genome(self, values: dict, stage: int, generation: int, index: int, parents=(), ops=()) -> Genome:
         for name, gene in self.space.items():
@@ -87,13 +136,22 @@ class Evolution:
         return offspring
 
     def select(self, pool: list[Genome]) -> list[Genome]:
-        """The next population: the elite, then tournament winners from the rest of the pool."""
+        """The next population: the elite, then tournament winners from the rest of the pool.
+
+        Several objectives: NSGA-II's survivors (whole fronts, the last one cut by crowding distance).
+        """
         mu, elite_n = self.search.population_size, self.search.elitism
+        if self.n_objectives > 1:
+            return tools.selNSGA2(pool, mu)
         elite = tools.selBest(pool, elite_n)
         return elite + self.toolbox.select(pool, mu - elite_n)
 
     def hall_of_fame(self, size: int = 10) -> tools.HallOfFame:
         return tools.HallOfFame(size, similar=lambda a, b: a.key() == b.key())
+
+    def pareto_archive(self) -> tools.ParetoFront:
+        """Every non-dominated genome seen (the multi-objective hall of fame); ``update`` it like one."""
+        return tools.ParetoFront(similar=lambda a, b: a.key() == b.key())
 
 
 def fitness_summary(genomes: list[Genome]) -> dict:
@@ -105,3 +163,51 @@ def fitness_summary(genomes: list[Genome]) -> dict:
     median = vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
     return {k: (v if math.isfinite(v) else None) for k, v in
             {"best": vals[0], "median": median, "worst": vals[-1]}.items()}
+
+
+# ----- the winner of a stage ------------------------------------------------------------------
+WINNER_RULES = ("min_first", "min_val_loss_within_retention")
+
+
+def rank_by_rule(genomes: list[Genome], objectives: list[str], rule: dict) -> list[Genome]:
+    """``genomes`` with finite objectives, best first by ``rule`` (failed genomes are left out).
+
+    ``objectives`` names the fitness values in order (e.g. ``["val_loss", "retention_loss"]``).
+    Rules (``rule["rule"]``):
+
+    - ``min_first``: lowest first objective (ties: the next objectives, then list order).
+    - ``min_val_loss_within_retention`` with ``base_retention`` (the current base model's own
+      retention loss) and ``epsilon`` (default 0.05): the genomes whose retention_loss is at most
+      (1 + epsilon) · base_retention, by val_loss; then the others, by retention_loss. So the
+      winner is the best learner that forgets at most epsilon, or else the one that forgets least.
+
+    ``rank_by_rule(...)[:top_k]`` are the winners to merge with several adapters.
+    """
+    name = rule.get("rule")
+    if name not in WINNER_RULES:
+        raise ValueError(f"winner rule '{name}' is unknown; use one of {', '.join(WINNER_RULES)}")
+    ok = [g for g in genomes if g.fitness.valid and all(math.isfinite(v) for v in g.fitness.values)]
+    if name == "min_first":
+        return sorted(ok, key=lambda g: tuple(g.fitness.values))
+    missing = [o for o in ("val_loss", "retention_loss") if o not in objectives]
+    if missing:
+        raise ValueError(f"winner rule '{name}' needs the objectives val_loss and retention_loss; "
+                         f"missing: {', '.join(missing)} (objectives: {objectives})")
+    epsilon, base_retention = float(rule.get("epsilon", 0.05)), rule.get("base_retention")
+    if base_retention is None or not math.isfinite(base_retention) or epsilon < 0:
+        raise ValueError(f"winner rule '{name}' needs a finite base_retention and epsilon >= 0. "
+                         f"Current values: base_retention={base_retention}, epsilon={epsilon}")
+    v, r = objectives.index("val_loss"), objectives.index("retention_loss")
+    limit = (1.0 + epsilon) * base_retention
+    within = [g for g in ok if g.fitness.values[r] <= limit]
+    beyond = [g for g in ok if g.fitness.values[r] > limit]
+    return (sorted(within, key=lambda g: (g.fitness.values[v], g.fitness.values[r]))
+            + sorted(beyond, key=lambda g: (g.fitness.values[r], g.fitness.values[v])))
+
+
+def pick_winner(pareto: list[Genome], objectives: list[str], rule: dict) -> Genome:
+    """The genome to merge: the first of ``rank_by_rule``; refuses when every genome failed."""
+    ranked = rank_by_rule(pareto, objectives, rule)
+    if not ranked:
+        raise ValueError("no genome with finite objectives to pick a winner from (every evaluation failed)")
+    return ranked[0]

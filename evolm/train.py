@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from evolm.genome import lora_config
+from evolm.replay import replay_mix
 
 
 def pick_device(use_gpu: bool) -> torch.device:
@@ -26,9 +27,12 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
-def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device) -> dict:
+def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
+               replay: np.ndarray | None = None) -> dict:
     """AdamW with linear warmup and linear decay over ``max_steps`` random batches of ``blocks``.
 
+    With ``replay`` blocks (earlier stages) and ``hp["replay_ratio"]`` > 0, that share of every
+    batch comes from ``replay`` (``evolm.replay.mix_batch_indices``); otherwise nothing changes.
     Returns a summary of the training curve; stops early when the loss stops being finite.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -39,10 +43,13 @@ def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.dev
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
     generator = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(blocks.astype(np.int64))
+    mix = replay_mix(blocks, replay, float(hp.get("replay_ratio", 0.0)), batch, steps, seed)  # None: no replay
+    if mix is not None:
+        data = torch.from_numpy(mix[0].astype(np.int64))
     losses = []
     model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(data), (batch,), generator=generator)
+    for step in range(steps):
+        idx = torch.randint(len(data), (batch,), generator=generator) if mix is None else torch.from_numpy(mix[1][step])
         x = data[idx].to(device)
         with _autocast(device):
             loss = model(input_ids=x, labels=x).loss
@@ -78,13 +85,14 @@ def evaluate(model, blocks: np.ndarray, batch_size: int, max_batches: int | None
     return total / count
 
 
-def fine_tune(base_model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device):
+def fine_tune(base_model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
+              replay: np.ndarray | None = None):
     """A LoRA adapter trained on a private copy of ``base_model``; returns (peft model, curve)."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)  # LoRA's A matrices are initialised from the global generator
     model = get_peft_model(copy.deepcopy(base_model), lora_config(hp)).to(device)
-    curve = train_loop(model, blocks, hp, seed, device)
+    curve = train_loop(model, blocks, hp, seed, device, replay)
     return model, curve
 
 
@@ -93,12 +101,12 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
     """One evaluation: fine-tune an adapter, then measure the objectives on validation splits.
 
     The adapter's weights come back as numpy arrays (small), so the driver can merge the winner
-    without training it again.
+    without training it again. ``blocks["replay"]`` (optional): earlier stages' blocks to replay.
     """
     from peft import get_peft_model_state_dict
 
     start = time.perf_counter()
-    model, curve = fine_tune(base_model, blocks["train"], hp, seed, device)
+    model, curve = fine_tune(base_model, blocks["train"], hp, seed, device, blocks.get("replay"))
     trained = time.perf_counter()
     val_loss = (evaluate(model, blocks["validation"], training["eval_batch_size"], training["eval_max_batches"], device)
                 if math.isfinite(curve["last"]) else float("nan"))

@@ -1,6 +1,8 @@
 """Evolution logic on a fake evaluator (fitness = a formula of the genome): fast and exact."""
 import math
+import random
 
+import pytest
 from deap import tools
 
 from evolm.config import SearchConfig, parse_config, resolve_space
@@ -82,3 +84,116 @@ def test_offspring_record_parents_and_operators(corpora, tmp_path):
         if g.ops[0].startswith("mut"):
             assert len(g.parents) == 1
     assert len({g.id for g in offspring}) == len(offspring)
+
+
+# ----- several objectives: NSGA-II and the winner rule ----------------------------------------
+def penalty(values: dict) -> float:
+    """0 exactly at r=8 with three active layers, at least 1/3 elsewhere."""
+    return abs(values["r"] - 8) / 8 + abs(sum(values["layers"]) - 3) / 3
+
+
+def fake_objectives(values: dict) -> tuple[float, float]:
+    """A known Pareto front: f1 + f2 = 1 for penalty 0, x = log-position of the learning rate in [0, 1].
+    The penalty is added to both objectives, so a penalised genome is dominated by an unpenalised one
+    within ``penalty`` of its x."""
+    x = (math.log10(values["learning_rate"]) + 4) / 2
+    return x + penalty(values), 1 - x + penalty(values)
+
+
+def run_nsga(space, seed, generations=12, size=12):
+    evo = Evolution(space, SearchConfig(population_size=size, offspring_size=size), seed, n_objectives=2)
+    population = evo.initial_population(1)
+    for g in population:
+        g.fitness.values = fake_objectives(g.values)
+    for gen in range(1, generations + 1):
+        offspring = evo.vary(population, 1, gen)
+        for g in offspring:
+            g.fitness.values = fake_objectives(g.values)
+        population = evo.select(population + offspring)
+    return population
+
+
+def test_nsga2_population_converges_onto_the_known_front(corpora, tmp_path):
+    space = space_for(corpora, tmp_path)
+    population = run_nsga(space, seed=0)
+    front = tools.sortNondominated(population, len(population), first_front_only=True)[0]
+    assert len(population) == 12
+    assert all(penalty(g.values) == 0 for g in front)
+    assert all(abs(sum(g.fitness.values) - 1) < 1e-12 for g in front)
+    xs = sorted(g.fitness.values[0] for g in front)
+    assert len(set(xs)) >= 5 and xs[-1] - xs[0] > 0.5  # spread along the front, not one point
+    again = run_nsga(space, seed=0)
+    assert [g.key() for g in again] == [g.key() for g in population]
+
+
+def test_nsga2_selection_keeps_the_first_front_and_failed_genomes_go_last(corpora, tmp_path):
+    space = space_for(corpora, tmp_path)
+    evo = Evolution(space, SearchConfig(population_size=4, offspring_size=4), 0, n_objectives=2)
+    pool = evo.initial_population(1) + evo.vary(evo.initial_population(1), 1, 1)
+    points = [(0, 1), (1, 0), (0.5, 0.5), (0.6, 0.6), (0.7, 0.7), (math.inf, math.inf), (2, 2), (math.inf, math.inf)]
+    for g, p in zip(pool, points):
+        g.fitness.values = p
+    survivors = evo.select(pool)
+    assert [g.fitness.values for g in survivors][:3] == [(0, 1), (1, 0), (0.5, 0.5)]
+    assert survivors[3].fitness.values == (0.6, 0.6)
+
+
+def test_crowding_distance_and_crowded_tournament():
+    from deap import base
+
+    from evolm.evolution import crowding_distances, pareto_ranks, sel_tournament_crowded
+    from evolm.genome import Genome
+
+    fitness = type("F", (base.Fitness,), {"weights": (-1.0, -1.0)})
+    genomes = []
+    for i, p in enumerate([(0, 1), (0.25, 0.75), (0.5, 0.5), (1, 0), (1, 1)]):
+        genomes.append(Genome(values={}, id=str(i), fitness=fitness(p)))
+    ranks = pareto_ranks(genomes)
+    assert ranks == [0, 0, 0, 0, 1]
+    # (0.25, 0.75): neighbours span 0.5 on each objective; (0.5, 0.5): 0.75 on each
+    assert crowding_distances(genomes, ranks)[:4] == [math.inf, 1.0, 1.5, math.inf]
+    picks = sel_tournament_crowded(genomes, 500, random.Random(0))
+    counts = {g.id: picks.count(g) for g in genomes}
+    # the dominated genome wins only against itself (1/25 of the draws), the crowded (0.25, 0.75) only
+    # against itself or the dominated one (3/25), the less crowded (0.5, 0.5) in 5/25
+    assert counts["4"] < 40 and 30 < counts["1"] < counts["2"] < 150
+
+
+def two_objective_genomes(points):
+    from deap import base
+
+    from evolm.genome import Genome
+
+    fitness = type("F", (base.Fitness,), {"weights": (-1.0, -1.0)})
+    return [Genome(values={}, id=name, fitness=fitness(p)) for name, p in points.items()]
+
+
+def test_winner_rule_prefers_the_best_learner_that_retains():
+    from evolm.evolution import pick_winner, rank_by_rule
+
+    # (val_loss, retention_loss)
+    genomes = two_objective_genomes({"A": (2.0, 5.0), "B": (2.5, 4.1), "C": (3.0, 3.9), "D": (1.5, 6.0),
+                                     "X": (math.inf, math.inf)})
+    objectives = ["val_loss", "retention_loss"]
+    rule = {"rule": "min_val_loss_within_retention", "epsilon": 0.05, "base_retention": 4.0}
+    assert pick_winner(genomes, objectives, rule).id == "B"  # B and C retain within 4.2; B learns best
+    assert pick_winner(genomes, objectives, {**rule, "epsilon": 0.0}).id == "C"
+    assert pick_winner(genomes, objectives, {**rule, "base_retention": 3.0}).id == "C"  # none within: least forgetting
+    assert [g.id for g in rank_by_rule(genomes, objectives, rule)] == ["B", "C", "A", "D"]  # failed X left out
+    assert pick_winner(genomes, objectives, {"rule": "min_first"}).id == "D"
+    swapped = two_objective_genomes({"A": (5.0, 2.0), "B": (4.1, 2.5), "C": (3.9, 3.0)})
+    assert pick_winner(swapped, ["retention_loss", "val_loss"], rule).id == "B"
+
+
+def test_winner_rule_errors_say_what_is_missing():
+    from evolm.evolution import pick_winner
+
+    genomes = two_objective_genomes({"A": (1.0, 1.0)})
+    with pytest.raises(ValueError, match="unknown"):
+        pick_winner(genomes, ["val_loss", "retention_loss"], {"rule": "max_vibes"})
+    with pytest.raises(ValueError, match="retention_loss"):
+        pick_winner(genomes, ["val_loss", "size"], {"rule": "min_val_loss_within_retention", "base_retention": 1.0})
+    with pytest.raises(ValueError, match="base_retention"):
+        pick_winner(genomes, ["val_loss", "retention_loss"], {"rule": "min_val_loss_within_retention"})
+    with pytest.raises(ValueError, match="every evaluation failed"):
+        pick_winner(two_objective_genomes({"X": (math.inf, 1.0)}), ["val_loss", "retention_loss"], {"rule": "min_first"})
