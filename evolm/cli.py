@@ -47,7 +47,77 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="run seed (overrides seed)")
     run.add_argument("--no-ray", action="store_true", help="evaluate in this process, one at a time (debugging)")
     run.set_defaults(func=cmd_run)
+    _see_the_search(sub)
     return parser
+
+
+def _see_the_search(sub) -> None:
+    """evolm plot | report | generate: read a run directory (finished, running or crashed)."""
+    plot = sub.add_parser("plot", help="draw the run's figures into RUN_DIR/plots/",
+                          description="Fitness, genes, loss matrix, lineage of each winner, gene importance "
+                          "(PNG), from the run's files only; works while the run is going.")
+    plot.add_argument("run_dir", type=Path, help="the run directory, e.g. results/quickstart-20261129-150000")
+    plot.set_defaults(func=cmd_plot)
+    report = sub.add_parser("report", help="write RUN_DIR/report.html, one self-contained page",
+                            description="One HTML file with the experiment, stages, winners, every figure, "
+                            "the loss matrix, the best genomes, failures, generation samples and time spent.")
+    report.add_argument("run_dir", type=Path)
+    report.set_defaults(func=cmd_report)
+    gen = sub.add_parser("generate", help="sample text from the model after a stage",
+                         description="Load models/stage-K of a run and continue a prompt.")
+    gen.add_argument("run_dir", type=Path)
+    gen.add_argument("--stage", type=int, help="which stage's model (0: the base; default: the last one saved)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--top-k", type=int, default=20, help="sample from the k likeliest tokens; 0: greedy (default 20)")
+    gen.set_defaults(func=cmd_generate)
+
+
+def cmd_plot(args) -> int:
+    from evolm.plots import plot_run
+
+    for plot in plot_run(args.run_dir).values():
+        print(plot.path)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from evolm.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from evolm.rundir import load_run
+
+    run = load_run(args.run_dir)
+    stages = run.model_stages()
+    if not stages:
+        raise RunDirError(f"{run.path}: no saved model yet (models/stage-<k>/ appears once the base is built)")
+    stage = stages[-1] if args.stage is None else args.stage
+    if stage not in stages:
+        raise RunDirError(f"{run.path}: no model for stage {stage}; stages available: "
+                          f"{', '.join(map(str, stages))}")
+    if args.max_new_tokens < 1:
+        raise EvolmError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    _quiet_libraries()
+    from evolm.generate import generate_text
+    from evolm.models import load_model
+
+    model, tokenizer = load_model(str(run.path / "models" / f"stage-{stage}"))
+    print(args.prompt + generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                                      seed=args.seed, top_k=args.top_k))
+    return 0
+
+
+def _reporter(config, run_dir: Path, args):
+    """The console, wrapped by experiment tracking when the config turns it on."""
+    from evolm.tracking import with_tracking
+
+    workers = 1 if args.no_ray else config.ray.num_workers
+    return with_tracking(ConsoleReporter(workers=workers), config, run_dir)
 
 
 def cmd_run(args) -> int:
@@ -71,7 +141,8 @@ def cmd_run(args) -> int:
     _quiet_libraries()
     from evolm.continual import ContinualRun
 
-    summaries = ContinualRun(config, run_dir, lambda: _executor(config, args), ConsoleReporter()).run()
+    reporter = _reporter(config, run_dir, args)
+    summaries = ContinualRun(config, run_dir, lambda: _executor(config, args), reporter).run()
     print(stage_table(summaries))
     print(f"models: {run_dir / 'models'}")
     return 0
@@ -123,8 +194,10 @@ def _genome_text(values: dict) -> str:
 class ConsoleReporter:
     """Progress for people: a bar of evaluations in a terminal, plain lines in logs."""
 
-    def __init__(self, stream=sys.stdout):
-        self.stream, self.bar, self.tty = stream, None, stream.isatty()
+    def __init__(self, stream=sys.stdout, workers: int = 1):
+        # A bar only when both streams are terminals: logs and pipes get plain lines, no control characters.
+        self.stream, self.bar, self.tty = stream, None, stream.isatty() and sys.stderr.isatty()
+        self.workers, self.busy = max(1, workers), 0.0
 
     def _line(self, text: str) -> None:
         if self.bar is not None:
@@ -136,7 +209,7 @@ class ConsoleReporter:
         self._line(text)
 
     def generation_start(self, stage: int, generation: int, todo: int) -> None:
-        self.started = time.perf_counter()
+        self.started, self.busy = time.perf_counter(), 0.0
         if self.tty and todo:
             from tqdm import tqdm
 
@@ -144,6 +217,8 @@ class ConsoleReporter:
                             unit="eval")
 
     def evaluation_done(self, record: dict) -> None:
+        if not record["cached"]:
+            self.busy += record.get("seconds") or 0.0
         if self.bar is not None and not record["cached"]:
             self.bar.update(1)
 
@@ -154,7 +229,13 @@ class ConsoleReporter:
         fmt = lambda x: "  n/a " if x is None else f"{x:.4f}"  # noqa: E731
         self._line(f"stage {r['stage']} {r['stage_name']} gen {r['generation']}: best {fmt(r['best'])} "
                    f"median {fmt(r['median'])} worst {fmt(r['worst'])} | {r['evaluations']} evals, "
-                   f"{r['failed']} failed, {r['seconds']:.1f}s")
+                   f"{r['failed']} failed, {r['seconds']:.1f}s{self._busy(r['seconds'])}")
+
+    def _busy(self, seconds: float) -> str:
+        """Evaluation seconds / (generation wall seconds x workers): how much of the workers the search used."""
+        if not self.busy or not seconds:
+            return ""
+        return f", workers busy {100 * min(1.0, self.busy / (seconds * self.workers)):.0f}%"
 
     def stage_end(self, s: dict) -> None:
         self._line(f"stage {s['stage']} {s['name']} merged {s['winner']['id']}: test loss "

@@ -186,6 +186,17 @@ class RayConfig(Section):
     """Retries of an evaluation whose worker process died."""
 
 
+class TrackingConfig(Section):
+    """Optional experiment tracking: every evaluation and generation, also logged to these tools."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files to ``<dir>/tensorboard`` (needs ``pip install tensorboard``)."""
+    mlflow: bool = False
+    """Log to an MLflow local file store in ``<dir>/mlruns`` (needs ``pip install mlflow``)."""
+    dir: Path | None = None
+    """Where tracking files go; default: the run directory."""
+
+
 class ExperimentConfig(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Experiment name; runs are ``<output_dir>/<name>-<yyyymmdd-hhmmss>`` unless --name is given."""
@@ -199,6 +210,11 @@ class ExperimentConfig(Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    prompts: list[str] = Field(default_factory=list)
+    """Prompts sampled from the base and after every stage's merge, into ``samples.jsonl``."""
+    sample_max_new_tokens: int = Field(default=40, ge=1)
+    """Tokens generated per prompt for ``samples.jsonl``."""
 
     @model_validator(mode="after")
     def _unique_stage_names(self):

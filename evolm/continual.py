@@ -25,6 +25,7 @@ from evolm.config import ExperimentConfig, default_target_modules, resolve_space
 from evolm.errors import EvolmError
 from evolm.evolution import Evolution, fitness_summary
 from evolm.executor import EvalRequest, StagePayload
+from evolm.generate import write_samples
 from evolm.genome import Genome, evaluation_seed, hyperparameters
 from evolm.merge import merge_best
 from evolm.models import ModelPayload, build_model, family_and_layers, load_model, save_model, train_tokenizer
@@ -109,6 +110,7 @@ class ContinualRun:
         resolved["training"] = self.training
         write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         save_model(self.base, self.tokenizer, self.run_dir / "models" / "stage-0")
+        write_samples(self.run_dir, self.base, self.tokenizer, cfg, 0, "base")
         self.loss_matrix = [self._test_losses(self.base)]
         self._write_loss_matrix()
 
@@ -173,6 +175,7 @@ class ContinualRun:
         self.base = merge_best(self.base, hyperparameters(winner.values, self.training),
                                search.cache[winner.key()]["adapter"])
         save_model(self.base, self.tokenizer, self.run_dir / "models" / f"stage-{k}")
+        write_samples(self.run_dir, self.base, self.tokenizer, self.config, k, domain.name)
         self.loss_matrix.append(self._test_losses(self.base))
         self._write_loss_matrix()
         col = len(self.domains) - len(self.config.stages) + k - 1
