@@ -57,3 +57,114 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+# ----- checkpoints ------------------------------------------------------------------------
+# A checkpoint is checkpoints/<tag>.json: {"sha256": ..., "state": {...}} plus <tag>.rng.safetensors
+# (torch's RNG state). The checksum catches a truncated or garbled file; resume then falls back
+# to the newest checkpoint that is whole, and says so.
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+def checkpoint_tag(stage: int, generation: int | None) -> str:
+    """Tags sort in run order: ``s001-g0003`` after a generation, ``s001-end`` after a merge."""
+    return f"s{stage:03d}-" + ("end" if generation is None else f"g{generation:04d}")
+
+
+def tag_order(tag: str) -> tuple[int, int]:
+    """Run order of a tag: a stage's end comes after all of its generations."""
+    stage, _, gen = tag.partition("-")
+    return int(stage[1:]), (10**9 if gen == "end" else int(gen[1:]))
+
+
+def save_checkpoint(run_dir: Path, tag: str, state: dict, keep_last: int) -> Path:
+    import hashlib
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(exist_ok=True)
+    np_state = np.random.get_state()
+    state = dict(state, global_rng={"python": _tuple_to_list(random.getstate()),
+                                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})
+    rng_tmp = folder / f".{tag}.rng.safetensors.tmp"
+    save_file({"torch": torch.get_rng_state()}, str(rng_tmp))
+    os.replace(rng_tmp, folder / f"{tag}.rng.safetensors")
+    body = json.dumps(jsonable(state), sort_keys=True)
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    path = folder / f"{tag}.json"
+    write_atomic(path, json.dumps({"sha256": digest, "state": json.loads(body)}, sort_keys=True))
+    prune_checkpoints(folder, keep_last)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    import hashlib
+
+    try:
+        wrapper = json.loads(Path(path).read_text(encoding="utf-8"))
+        body = json.dumps(wrapper["state"], sort_keys=True)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CorruptCheckpoint(f"{path.name}: unreadable ({type(exc).__name__})") from None
+    if hashlib.sha256(body.encode()).hexdigest() != wrapper.get("sha256"):
+        raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
+    rng_path = Path(path).with_name(Path(path).name.replace(".json", ".rng.safetensors"))
+    try:
+        from safetensors.torch import load_file
+
+        wrapper["state"]["torch_rng"] = load_file(str(rng_path))["torch"]
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means the checkpoint is not whole
+        raise CorruptCheckpoint(f"{rng_path.name}: unreadable ({type(exc).__name__})") from None
+    return wrapper["state"]
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[dict | None, list[str]]:
+    """The newest whole checkpoint and a warning for each newer one that was corrupt."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    warnings = []
+    for path in sorted(folder.glob("s*.json"), key=lambda p: tag_order(p.stem), reverse=True):
+        try:
+            state = load_checkpoint(path)
+        except CorruptCheckpoint as exc:
+            warnings.append(f"checkpoint {exc}; falling back to the previous one")
+            continue
+        state["tag"] = path.stem
+        return state, warnings
+    return None, warnings
+
+
+def restore_global_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    g = state["global_rng"]
+    random.setstate(_list_to_tuple(g["python"]))
+    np.random.set_state((g["numpy"][0], np.array(g["numpy"][1], dtype=np.uint32), *g["numpy"][2:]))
+    torch.set_rng_state(state["torch_rng"])
+
+
+def prune_checkpoints(folder: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints and every stage end, so disk use stays bounded."""
+    tags = sorted((p.stem for p in folder.glob("s*.json")), key=tag_order)
+    for tag in tags[:-keep_last] if keep_last else tags:
+        if not tag.endswith("-end"):
+            for suffix in (".json", ".rng.safetensors"):
+                (folder / f"{tag}{suffix}").unlink(missing_ok=True)
+
+
+def _tuple_to_list(obj):
+    return [_tuple_to_list(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _list_to_tuple(obj):
+    return tuple(_list_to_tuple(x) for x in obj) if isinstance(obj, list) else obj

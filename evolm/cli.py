@@ -42,11 +42,23 @@ def _parser() -> argparse.ArgumentParser:
                          "summary.json and models/stage-<k>/ (Hugging Face checkpoints) into the run directory.")
     run.add_argument("experiment", type=Path, help="experiment YAML, e.g. experiments/quickstart.yaml")
     run.add_argument("--name", help="run directory name (default: <experiment name>-<yyyymmdd-hhmmss>)")
-    run.add_argument("--ray-address", help="join this Ray cluster (auto or host:port) instead of starting one")
-    run.add_argument("--workers", type=int, help="evaluations at once (overrides ray.num_workers)")
+    _execution_flags(run)
     run.add_argument("--seed", type=int, help="run seed (overrides seed)")
-    run.add_argument("--no-ray", action="store_true", help="evaluate in this process, one at a time (debugging)")
     run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="continue a killed or finished run from its newest checkpoint",
+                            description="Continue a run exactly where it stopped: finished evaluations are not "
+                            "run again. With --experiment, the run may be extended (more generations, stages "
+                            "appended at the end); any other change is refused with the list of fields.")
+    resume.add_argument("run_dir", type=Path, help="the run directory, e.g. results/quickstart-20261129-150000")
+    resume.add_argument("--experiment", type=Path, help="an extended version of the run's experiment YAML")
+    _execution_flags(resume)
+    resume.set_defaults(func=cmd_resume)
+
+    status = sub.add_parser("status", help="stage, generation, evaluations, best so far, time spent and left",
+                            description="Print where a run stands (also while it is running).")
+    status.add_argument("run_dir", type=Path)
+    status.set_defaults(func=cmd_status)
     _see_the_search(sub)
     return parser
 
@@ -120,22 +132,30 @@ def _reporter(config, run_dir: Path, args):
     return with_tracking(ConsoleReporter(workers=workers), config, run_dir)
 
 
+def _execution_flags(parser) -> None:
+    parser.add_argument("--ray-address", help="join this Ray cluster (auto or host:port) instead of starting one")
+    parser.add_argument("--workers", type=int, help="evaluations at once (overrides ray.num_workers)")
+    parser.add_argument("--no-ray", action="store_true", help="evaluate in this process, one at a time (debugging)")
+
+
+def _execution_overrides(args) -> dict:
+    if args.workers is not None and args.workers < 1:
+        raise EvolmError(f"--workers must be at least 1 (got {args.workers})")
+    return {} if args.workers is None else {"ray.num_workers": args.workers}
+
+
 def cmd_run(args) -> int:
     from evolm.config import load_config
 
-    overrides = {}
+    overrides = _execution_overrides(args)
     if args.seed is not None:
         overrides["seed"] = args.seed
-    if args.workers is not None:
-        if args.workers < 1:
-            raise EvolmError(f"--workers must be at least 1 (got {args.workers})")
-        overrides["ray.num_workers"] = args.workers
     config = load_config(args.experiment, overrides)
     name = args.name or f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = config.output_dir / name
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"{run_dir} already exists and is not empty; choose another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        raise RunDirError(f"{run_dir} already exists and is not empty; choose another --name, or continue "
+                          f"it with `evolm resume {run_dir}`")
     print(f"run {name}: {len(config.stages)} stages, population {config.search.population_size}, "
           f"{config.search.generations} generations, results in {run_dir}", flush=True)
     _quiet_libraries()
@@ -145,6 +165,41 @@ def cmd_run(args) -> int:
     summaries = ContinualRun(config, run_dir, lambda: _executor(config, args), reporter).run()
     print(stage_table(summaries))
     print(f"models: {run_dir / 'models'}")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from evolm.checkpoint import write_json
+    from evolm.config import load_config, parse_config, resume_differences
+    from evolm.status import open_run_dir
+
+    saved = open_run_dir(args.run_dir)
+    config = parse_config(saved, source=str(args.run_dir / "experiment.json"))
+    if args.experiment is not None:
+        new = load_config(args.experiment)
+        refused = resume_differences(saved, new.model_dump(mode="json"))
+        if refused:
+            raise EvolmError(f"{args.experiment} differs from the run's experiment in {', '.join(refused)}; "
+                             f"a resumed run may only add generations or append stages (start a new run instead)")
+        config = new
+        write_json(args.run_dir / "experiment.json", config.model_dump(mode="json"))
+    overrides = _execution_overrides(args)
+    if overrides:
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"num_workers": args.workers})})
+    print(f"resuming {args.run_dir}", flush=True)
+    _quiet_libraries()
+    from evolm.continual import ContinualRun
+
+    reporter = _reporter(config, args.run_dir, args)
+    summaries = ContinualRun(config, args.run_dir, lambda: _executor(config, args), reporter).resume()
+    print(stage_table(summaries))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from evolm.status import format_status, run_status
+
+    print(format_status(run_status(args.run_dir)))
     return 0
 
 

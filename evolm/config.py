@@ -186,6 +186,11 @@ class RayConfig(Section):
     """Retries of an evaluation whose worker process died."""
 
 
+class CheckpointConfig(Section):
+    keep_last: int = Field(default=3, ge=1)
+    """Generation checkpoints kept (the newest ones); checkpoints at stage ends are always kept."""
+
+
 class TrackingConfig(Section):
     """Optional experiment tracking: every evaluation and generation, also logged to these tools."""
 
@@ -215,6 +220,7 @@ class ExperimentConfig(Section):
     """Prompts sampled from the base and after every stage's merge, into ``samples.jsonl``."""
     sample_max_new_tokens: int = Field(default=40, ge=1)
     """Tokens generated per prompt for ``samples.jsonl``."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
     def _unique_stage_names(self):
@@ -228,6 +234,28 @@ class ExperimentConfig(Section):
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_differences(old: dict, new: dict) -> list[str]:
+    """Fields of ``new`` that a resumed run cannot accept: anything but more generations, stages
+    appended at the end, and where / how wide the evaluations run (``ray``)."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key in ("ray", "output_dir") or a == b:
+            continue
+        if key == "stages" and isinstance(a, list) and isinstance(b, list) and b[: len(a)] == a:
+            continue
+        if key == "search" and isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub) and not (sub == "generations" and (b.get(sub) or 0) >= (a.get(sub) or 0)):
+                    diffs.append(f"search.{sub}")
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{sub}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        else:
+            diffs.append(key)
+    return diffs
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

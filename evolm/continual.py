@@ -5,11 +5,19 @@
         population = carried over from stage k-1 (or random), fitness invalidated
         evaluate(population); repeat G times: offspring = vary; evaluate; population = select
         base = merge(winner, base); save models/stage-k; loss matrix row k
+
+A checkpoint follows every generation and every merge. Every finished evaluation is in the
+ledger (evaluations.jsonl, its adapter in adapters/), so a resumed run redoes no finished work
+and, since every random choice is seeded, ends exactly where the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +26,18 @@ import numpy as np
 import torch
 import yaml
 from deap import tools
+from safetensors.numpy import load_file, save_file
 
+from evolm import __version__
 from evolm import data as stage_data
-from evolm.checkpoint import append_jsonl, write_atomic, write_json
+from evolm.checkpoint import (_list_to_tuple, _tuple_to_list, append_jsonl, checkpoint_tag, latest_checkpoint,
+                              read_jsonl, restore_global_rng, save_checkpoint, write_atomic, write_json)
 from evolm.config import ExperimentConfig, default_target_modules, resolve_space
-from evolm.errors import EvolmError
+from evolm.errors import EvolmError, RunDirError
 from evolm.evolution import Evolution, fitness_summary
 from evolm.executor import EvalRequest, StagePayload
 from evolm.generate import write_samples
-from evolm.genome import Genome, evaluation_seed, hyperparameters
+from evolm.genome import Genome, canonical_json, evaluation_seed, hyperparameters
 from evolm.merge import merge_best
 from evolm.models import ModelPayload, build_model, family_and_layers, load_model, save_model, train_tokenizer
 from evolm.train import evaluate, train_loop
@@ -64,11 +75,14 @@ class Domain:
 
 @dataclass
 class StageSearch:
-    """State of one stage's search: the fitness cache and the genomes evaluated so far."""
+    """One stage's search: its ledger of finished evaluations and the fitness cache it implies."""
 
     index: int
     domain: Domain
+    ledger: dict[tuple[int, str], dict] = field(default_factory=dict)
+    """(generation, genome id) -> evaluation record, from evaluations.jsonl."""
     cache: dict[str, dict] = field(default_factory=dict)
+    """genome key -> record of the evaluation that trained it: the same genome is never trained twice."""
     evaluations: int = 0
 
 
@@ -79,14 +93,59 @@ class ContinualRun:
         self.config, self.run_dir, self.make_executor = config, Path(run_dir), make_executor
         self.reporter = reporter or Reporter()
         self.training = config.training.model_dump()
+        self.n_base_domains = 1 if config.model.pretrain else 0
+
+    # ----- entry points -------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """A new run in an empty (or new) run directory."""
+        return self._with_fixed_threads(lambda: self._loop(self._start_fresh()))
+
+    def resume(self) -> list[dict]:
+        """Continue from the newest whole checkpoint; earlier corrupt ones are reported and skipped."""
+        def go():
+            state, warnings = latest_checkpoint(self.run_dir)
+            for w in warnings:
+                self.reporter.message(f"warning: {w}")
+            if state is None:
+                self.reporter.message("no checkpoint yet: starting the run again from the beginning "
+                                      "(finished evaluations are taken from the ledger)")
+                return self._loop(self._start_fresh(resuming=True))
+            self.reporter.message(f"resuming from checkpoint {state['tag']}")
+            self._start_resumed(state)
+            return self._loop(state)
+
+        return self._with_fixed_threads(go)
+
+    @staticmethod
+    def _with_fixed_threads(fn):
+        # The driver's own work (pretraining, merges, test losses) always uses the same number of
+        # threads, so its floating-point results do not depend on what ran before in the process.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
 
     # ----- set-up -------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Data, tokenizer and base model (stage 0), the search space and the loss matrix's row 0."""
+    def _read_data(self) -> tuple[dict | None, list[dict]]:
         cfg = self.config
-        (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
-        pretrain_docs = stage_data.load_splits(cfg.model.pretrain) if cfg.model.pretrain else None
-        stage_docs = [stage_data.load_splits(s) for s in cfg.stages]
+        pretrain = stage_data.load_splits(cfg.model.pretrain) if cfg.model.pretrain else None
+        return pretrain, [stage_data.load_splits(s) for s in cfg.stages]
+
+    def _tokenize(self, pretrain_docs, stage_docs) -> None:
+        cfg = self.config
+        tok = lambda docs, where: stage_data.tokenize_splits(docs, self.tokenizer, cfg.block_size, where)  # noqa: E731
+        self.domains = [Domain(s.name, tok(d, f"stage '{s.name}'")) for s, d in zip(cfg.stages, stage_docs)]
+        if pretrain_docs:
+            self.domains.insert(0, Domain(cfg.model.pretrain.name, tok(pretrain_docs, f"model.pretrain '{cfg.model.pretrain.name}'")))
+
+    def _start_fresh(self, resuming: bool = False) -> None:
+        """Data, tokenizer and base model (stage 0), the search space and the loss matrix's row 0.
+
+        All user input is read and checked before anything is written to the run directory."""
+        cfg = self.config
+        pretrain_docs, stage_docs = self._read_data()
         if cfg.model.build:
             corpus = pretrain_docs["train"] if pretrain_docs else [d for s in stage_docs for d in s["train"]]
             self.reporter.message(f"training a {cfg.model.build.vocab_size}-token BPE tokenizer on {len(corpus)} documents")
@@ -95,11 +154,37 @@ class ContinualRun:
         else:
             self.base, self.tokenizer = load_model(cfg.model.name_or_path)
         self.base.eval()
-        tok = lambda docs, where: stage_data.tokenize_splits(docs, self.tokenizer, cfg.block_size, where)  # noqa: E731
-        self.domains = [Domain(s.name, tok(d, f"stage '{s.name}'")) for s, d in zip(cfg.stages, stage_docs)]
-        if pretrain_docs:
-            self.domains.insert(0, Domain(cfg.model.pretrain.name, tok(pretrain_docs, f"model.pretrain '{cfg.model.pretrain.name}'")))
+        self._tokenize(pretrain_docs, stage_docs)
+        (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            write_json(self.run_dir / "experiment.json", cfg.model_dump(mode="json"))
+        self._write_run_info()
+        if cfg.model.pretrain:
             self._pretrain(self.domains[0])
+        self._setup_search()
+        self._save_model(0)
+        write_samples(self.run_dir, self.base, self.tokenizer, cfg, 0, "base")
+        self.loss_matrix, self.summaries = [self._test_losses(self.base)], []
+        self._write_loss_matrix()
+        return None
+
+    def _start_resumed(self, state: dict) -> None:
+        pretrain_docs, stage_docs = self._read_data()
+        self._check_data_unchanged()
+        self.base, self.tokenizer = load_model(str(self.run_dir / state["base_model"]))
+        self.base.eval()
+        self._tokenize(pretrain_docs, stage_docs)
+        self._write_run_info()
+        self._setup_search()
+        self.loss_matrix, self.summaries = state["loss_matrix"], state["summaries"]
+        for i, row in enumerate(self.loss_matrix):  # stages were appended: measure earlier models on them
+            if len(row) < len(self.domains):
+                model, _ = load_model(str(self.run_dir / "models" / f"stage-{i}"))
+                row += [evaluate(model, d.blocks["test"], self.training["eval_batch_size"], None)
+                        for d in self.domains[len(row):]]
+
+    def _setup_search(self) -> None:
+        cfg = self.config
         family, n_layers = family_and_layers(self.base)
         self.space = resolve_space(cfg, family, n_layers)
         if self.training["target_modules"] is None:
@@ -109,10 +194,7 @@ class ContinualRun:
         resolved["search"]["space"] = {k: g.model_dump(mode="json") for k, g in self.space.items()}
         resolved["training"] = self.training
         write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        save_model(self.base, self.tokenizer, self.run_dir / "models" / "stage-0")
-        write_samples(self.run_dir, self.base, self.tokenizer, cfg, 0, "base")
-        self.loss_matrix = [self._test_losses(self.base)]
-        self._write_loss_matrix()
+        self.evolution = Evolution(self.space, cfg.search, cfg.seed, len(OBJECTIVES))
 
     def _pretrain(self, domain: Domain) -> None:
         p = self.config.model.pretrain
@@ -123,72 +205,99 @@ class ContinualRun:
         self.reporter.message(f"pretraining: loss {curve['first']:.3f} -> {curve['tail_mean']:.3f} "
                               f"in {time.perf_counter() - start:.0f}s")
 
+    def _data_files(self) -> list[Path]:
+        sources = ([self.config.model.pretrain] if self.config.model.pretrain else []) + list(self.config.stages)
+        return [p for s in sources for p in (s.train, s.validation, s.test) if p is not None]
+
+    def _write_run_info(self) -> None:
+        info_path = self.run_dir / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {"created": time.time()}
+        info.update(evolm_version=__version__, pid=os.getpid(), host=socket.gethostname(), started=time.time(),
+                    data={str(p): _sha256(p) for p in self._data_files()} | info.get("data", {}))
+        write_json(info_path, info)
+
+    def _check_data_unchanged(self) -> None:
+        recorded = json.loads((self.run_dir / "run.json").read_text()).get("data", {})
+        changed = [p for p, digest in recorded.items() if Path(p).is_file() and _sha256(Path(p)) != digest]
+        if changed:
+            raise RunDirError(f"data changed since the run started: {', '.join(changed)}; restore the "
+                              f"original files or start a new run")
+
     # ----- the loop -----------------------------------------------------------------------
-    def run(self) -> list[dict]:
-        # The driver's own work (pretraining, merges, test losses) always uses the same number of
-        # threads, so its floating-point results do not depend on what ran before in the process.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or 1)
-        try:
-            return self._run()
-        finally:
-            torch.set_num_threads(threads)
+    def _loop(self, state: dict | None) -> list[dict]:
+        self.session_start, self.elapsed_before = time.time(), (state or {}).get("elapsed", 0.0)
+        population, first_stage, first_gen, hof_items = None, 1, 0, None
+        if state is not None:
+            self.evolution.rng.setstate(_list_to_tuple(state["evolution_rng"]))
+            restore_global_rng(state)
+            population = [self._genome_from_json(d) for d in state["population"]]
+            if state["stage_done"]:
+                first_stage = state["stage"] + 1
+            else:
+                first_stage, first_gen, hof_items = state["stage"], state["generation"] + 1, state["hall_of_fame"]
+        self._repair_logs(state)
+        if first_stage <= len(self.config.stages):
+            self.executor = self.make_executor()
+            try:
+                for k in range(first_stage, len(self.config.stages) + 1):
+                    population = self.run_stage(k, population, first_gen if k == first_stage else 0,
+                                                hof_items if k == first_stage else None)
+            finally:
+                self.executor.close()
+        write_json(self.run_dir / "summary.json", {"stages": self.summaries})
+        return self.summaries
 
-    def _run(self) -> list[dict]:
-        self.prepare()
-        self.evolution = Evolution(self.space, self.config.search, self.config.seed, len(OBJECTIVES))
-        offset = len(self.domains) - len(self.config.stages)
-        population, summaries = None, []
-        self.executor = self.make_executor()
-        try:
-            for k, domain in enumerate(self.domains[offset:], start=1):
-                population, summary = self.run_stage(k, domain, population)
-                summaries.append(summary)
-        finally:
-            self.executor.close()
-        write_json(self.run_dir / "summary.json", {"stages": summaries})
-        return summaries
-
-    def run_stage(self, k: int, domain: Domain, carried: list[Genome] | None) -> tuple[list[Genome], dict]:
+    def run_stage(self, k: int, population: list[Genome] | None, first_gen: int, hof_items) -> list[Genome]:
         start = time.perf_counter()
-        search = StageSearch(k, domain)
-        self.executor.set_stage(StagePayload(f"{self.run_dir.name}/stage-{k}", ModelPayload.of(self.base),
+        domain = self.domains[self.n_base_domains + k - 1]
+        search = self._stage_search(k, domain)
+        self.executor.set_stage(StagePayload(f"{self.run_dir.resolve()}/stage-{k}", ModelPayload.of(self.base),
                                              {s: domain.blocks[s] for s in ("train", "validation")}, self.training))
-        evo = self.evolution
-        if carried is None:
-            population = evo.initial_population(k)
-        else:  # same genomes, new stage: their fitness must be measured again
-            population = carried
-            for g in population:
+        evo, hof = self.evolution, self.evolution.hall_of_fame()
+        if hof_items:
+            hof.update([self._genome_from_json(d) for d in hof_items])
+        if first_gen == 0:
+            if population is None:
+                population = evo.initial_population(k)
+            for g in population:  # same genomes, new stage: their fitness must be measured again
                 del g.fitness.values
-        hof = evo.hall_of_fame()
-        self._generation(search, 0, population, population, hof)
-        for gen in range(1, self.config.search.generations + 1):
+            self._generation(search, 0, population, population, hof)
+            self._checkpoint(k, 0, population, hof)
+        for gen in range(max(1, first_gen), self.config.search.generations + 1):
             offspring = evo.vary(population, k, gen)
             self._generation(search, gen, offspring, population + offspring, hof)
             population = evo.select(population + offspring)
-        winner = tools.selBest(population, 1)[0]
+            self._checkpoint(k, gen, population, hof)
+        self._merge(search, tools.selBest(population, 1)[0], hof, start)
+        self._checkpoint(k, None, population, hof)
+        self._prune_adapters(k, keep={self.summaries[-1]["winner"]["result_of"]})
+        return population
+
+    def _merge(self, search: StageSearch, winner: Genome, hof, start: float) -> None:
+        k, domain = search.index, search.domain
         if not np.isfinite(winner.fitness.values[0]):
             errors = [r.get("error") for r in search.cache.values() if r.get("error")]
             raise EvolmError(f"stage '{domain.name}': every evaluation failed (first error: {errors[:1]}); "
                              f"see evaluations.jsonl")
-        self.base = merge_best(self.base, hyperparameters(winner.values, self.training),
-                               search.cache[winner.key()]["adapter"])
-        save_model(self.base, self.tokenizer, self.run_dir / "models" / f"stage-{k}")
+        result_of = search.cache[winner.key()]["genome_id"]
+        adapter = load_file(str(self._adapter_path(k, result_of)))
+        self.base = merge_best(self.base, hyperparameters(winner.values, self.training), adapter)
+        self._save_model(k)
         write_samples(self.run_dir, self.base, self.tokenizer, self.config, k, domain.name)
-        self.loss_matrix.append(self._test_losses(self.base))
+        self.loss_matrix = self.loss_matrix[:k] + [self._test_losses(self.base)]
         self._write_loss_matrix()
-        col = len(self.domains) - len(self.config.stages) + k - 1
-        summary = {"stage": k, "name": domain.name, "start_loss": self.loss_matrix[-2][col],
-                   "end_loss": self.loss_matrix[-1][col], "winner": winner.to_json(),
+        col = self.n_base_domains + k - 1
+        summary = {"stage": k, "name": domain.name, "start_loss": self.loss_matrix[k - 1][col],
+                   "end_loss": self.loss_matrix[k][col], "winner": winner.to_json() | {"result_of": result_of},
                    "winner_val_loss": winner.fitness.values[0], "evaluations": search.evaluations,
                    "hall_of_fame": [g.id for g in hof], "seconds": time.perf_counter() - start}
+        self.summaries = self.summaries[: k - 1] + [summary]
         self.reporter.stage_end(summary)
-        return population, summary
 
     def _generation(self, search: StageSearch, gen: int, new: list[Genome], everyone: list[Genome], hof) -> None:
         start = time.perf_counter()
-        todo = [g for g in new if not g.fitness.valid]
+        # Tournaments pick with replacement, so one genome may stand in a population several times.
+        todo = list({g.id: g for g in new if not g.fitness.valid}.values())
         self.reporter.generation_start(search.index, gen, len(todo))
         self._evaluate(search, gen, todo)
         hof.update(everyone)
@@ -200,51 +309,126 @@ class ContinualRun:
         self.reporter.generation_end(record)
 
     def _evaluate(self, search: StageSearch, gen: int, todo: list[Genome]) -> None:
-        """Fitness for ``todo``; a genome already evaluated on this stage is served from the cache."""
+        """Fitness for ``todo``: from the ledger (finished before a resume), from the cache (a twin
+        was trained on this stage already), or from a new evaluation."""
         waiting: dict[str, list[Genome]] = {}
         for g in todo:
-            waiting.setdefault(g.key(), []).append(g)
-        requests = []
-        for key, genomes in waiting.items():
-            if key in search.cache:
-                continue
-            first = genomes[0]
-            requests.append(EvalRequest(first.id, hyperparameters(first.values, self.training),
-                                        evaluation_seed(self.config.seed, search.index, first.id)))
+            done = search.ledger.get((gen, g.id))
+            if done is not None and done["values"] == g.values:
+                self._assign(search, gen, [g], search.cache[g.key()], write=False)
+            else:
+                waiting.setdefault(g.key(), []).append(g)
+        requests = [EvalRequest(gs[0].id, hyperparameters(gs[0].values, self.training),
+                                evaluation_seed(self.config.seed, search.index, gs[0].id))
+                    for key, gs in waiting.items() if key not in search.cache]
 
         def on_result(result: dict) -> None:
             key = next(k for k, gs in waiting.items() if gs[0].id == result["genome_id"])
+            if result["status"] == "ok":  # the adapter is on disk before the ledger says "done"
+                _save_atomic(result.pop("adapter"), self._adapter_path(search.index, result["genome_id"]))
             search.cache[key] = result
-            self._assign(search, gen, waiting.pop(key), result, cached=False)
+            search.evaluations += 1
+            self._assign(search, gen, waiting.pop(key), result)
 
         self.executor.map(requests, on_result)
         for key, genomes in waiting.items():  # genomes whose twin was evaluated earlier
-            self._assign(search, gen, genomes, search.cache[key], cached=True)
+            self._assign(search, gen, genomes, search.cache[key])
 
-    def _assign(self, search: StageSearch, gen: int, genomes: list[Genome], result: dict, cached: bool) -> None:
+    def _assign(self, search: StageSearch, gen: int, genomes: list[Genome], result: dict, write: bool = True) -> None:
         ok = result["status"] == "ok"
         values = tuple(result["objectives"][o] if ok else float("inf") for o in OBJECTIVES)
-        for i, g in enumerate(genomes):
+        for g in genomes:
             g.fitness.values = values
-            search.evaluations += not cached and i == 0
+            if not write:
+                continue
             record = {"stage": search.index, "stage_name": search.domain.name, "generation": gen,
                       "genome_id": g.id, "values": g.values, "parents": g.parents, "ops": g.ops,
                       "objectives": result["objectives"] if ok else None, "status": result["status"],
                       "error": result.get("error"), "traceback": result.get("traceback"),
                       "curve": result.get("curve"), "adapter_params": result.get("adapter_params"),
                       "seconds": result.get("seconds"), "train_seconds": result.get("train_seconds"),
-                      "worker": result.get("worker"), "cached": cached or i > 0,
+                      "worker": result.get("worker"), "cached": g.id != result["genome_id"],
+                      "result_of": result["genome_id"],
                       "seed": evaluation_seed(self.config.seed, search.index, result["genome_id"])}
             append_jsonl(self.run_dir / "evaluations.jsonl", record)
+            search.ledger[(gen, g.id)] = record
             self.reporter.evaluation_done(record)
+
+    # ----- run state on disk --------------------------------------------------------------
+    def _stage_search(self, k: int, domain: Domain) -> StageSearch:
+        search = StageSearch(k, domain)
+        for r in read_jsonl(self.run_dir / "evaluations.jsonl"):
+            if r["stage"] != k:
+                continue
+            search.ledger[(r["generation"], r["genome_id"])] = r
+            if not r["cached"]:
+                search.cache[canonical_json(r["values"])] = r | {"genome_id": r["result_of"]}
+                search.evaluations += 1
+        return search
+
+    def _checkpoint(self, k: int, gen: int | None, population: list[Genome], hof) -> None:
+        state = {"stage": k, "generation": gen, "stage_done": gen is None,
+                 "population": [_genome_state(g) for g in population], "hall_of_fame": [_genome_state(g) for g in hof],
+                 "evolution_rng": _tuple_to_list(self.evolution.rng.getstate()),
+                 "loss_matrix": self.loss_matrix, "summaries": self.summaries, "config_hash": self.config.hash(),
+                 "base_model": f"models/stage-{k if gen is None else k - 1}",
+                 "elapsed": self.elapsed_before + time.time() - self.session_start}
+        save_checkpoint(self.run_dir, checkpoint_tag(k, gen), state, self.config.checkpoint.keep_last)
+
+    def _repair_logs(self, state: dict | None) -> None:
+        """Drop torn lines (a kill mid-write) and generation records newer than the checkpoint."""
+        last = (0, -1) if state is None else (state["stage"], 10**9 if state["stage_done"] else state["generation"])
+        for name, keep in (("generations.jsonl", lambda r: (r["stage"], r["generation"]) <= last),
+                           ("evaluations.jsonl", lambda r: True)):
+            path = self.run_dir / name
+            if path.exists():
+                records = [r for r in read_jsonl(path) if keep(r)]
+                write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+    def _genome_from_json(self, d: dict) -> Genome:
+        g = Genome(values=d["values"], id=d["id"], parents=d["parents"], ops=d["ops"], born=tuple(d["born"]),
+                   fitness=self.evolution.fitness_class())
+        if d.get("fitness") is not None:
+            g.fitness.values = tuple(float("inf") if v is None else v for v in d["fitness"])
+        return g
+
+    def _adapter_path(self, k: int, genome_id: str) -> Path:
+        return self.run_dir / "adapters" / f"stage-{k}" / f"{genome_id}.safetensors"
+
+    def _prune_adapters(self, k: int, keep: set[str]) -> None:
+        for path in (self.run_dir / "adapters" / f"stage-{k}").glob("*.safetensors"):
+            if path.stem not in keep:
+                path.unlink()
+
+    def _save_model(self, k: int) -> None:
+        """Write to a temporary folder, then swap it in: a kill never leaves half a model."""
+        final, tmp = self.run_dir / "models" / f"stage-{k}", self.run_dir / "models" / f".stage-{k}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(self.base, self.tokenizer, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
 
     # ----- measurements -------------------------------------------------------------------
     def _test_losses(self, model) -> list[float]:
-        t = self.training
-        return [evaluate(model, d.blocks["test"], t["eval_batch_size"], None) for d in self.domains]
+        return [evaluate(model, d.blocks["test"], self.training["eval_batch_size"], None) for d in self.domains]
 
     def _write_loss_matrix(self) -> None:
         names = [d.name for d in self.domains]
         rows = ["base"] + [s.name for s in self.config.stages][: len(self.loss_matrix) - 1]
         write_json(self.run_dir / "loss_matrix.json",
                    {"columns": names, "rows": rows, "matrix": self.loss_matrix, "split": "test"})
+
+
+def _genome_state(g: Genome) -> dict:
+    return g.to_json() | {"fitness": list(g.fitness.values) if g.fitness.valid else None}
+
+
+def _save_atomic(arrays: dict[str, np.ndarray], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(arrays, str(tmp))
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -46,7 +46,7 @@ class _StageRunner:
     """Holds one stage's base model in a process and runs requests against it."""
 
     def __init__(self, threads: int, use_gpu: bool):
-        torch.set_num_threads(threads)
+        self.threads = threads
         self.device = pick_device(use_gpu)
         self.key, self.model, self.stage = None, None, None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -56,6 +56,7 @@ class _StageRunner:
             self.model, self.stage, self.key = stage.model.build().to(self.device), stage, stage.key
 
     def run(self, request: EvalRequest) -> dict:
+        torch.set_num_threads(self.threads)  # results depend on the thread count: fix it per trial
         start = time.perf_counter()
         try:
             result = evaluate_genome(self.model, self.stage.blocks, request.hp, request.seed,
@@ -85,8 +86,14 @@ class LocalExecutor:
         self.runner.load(stage)
 
     def map(self, requests: list[EvalRequest], on_result: Callable[[dict], None]) -> None:
-        for request in requests:
-            on_result(self.runner.run(request))
+        threads = torch.get_num_threads()
+        try:
+            for request in requests:
+                result = self.runner.run(request)
+                torch.set_num_threads(threads)  # the caller's own work keeps its thread count
+                on_result(result)
+        finally:
+            torch.set_num_threads(threads)
 
     def close(self) -> None:
         pass

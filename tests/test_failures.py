@@ -1,0 +1,177 @@
+"""Failures are data: evaluations that raise or diverge, workers that die, configs that are wrong."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evolm.checkpoint import read_jsonl
+from evolm.config import parse_config
+from evolm.continual import ContinualRun, Reporter
+from evolm.errors import ConfigError
+from evolm.executor import LocalExecutor, RayExecutor
+from tests.conftest import ROOT, tiny_experiment
+
+
+def test_raising_and_diverging_evaluations_are_recorded_and_penalized(corpora, tmp_path):
+    raw = tiny_experiment(corpora, tmp_path)
+    raw["search"].update(population_size=6, generations=1)
+    raw["search"]["space"].update(
+        target_modules={"type": "categorical", "choices": [["c_attn"], ["no_such_module"]]},  # PEFT raises
+        learning_rate={"type": "categorical", "choices": [1e-3, 1e30]})                     # diverges to NaN
+    raw["training"]["max_grad_norm"] = 1e30
+    summaries = ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()
+    records = read_jsonl(tmp_path / "run" / "evaluations.jsonl")
+    failed = [r for r in records if r["status"] == "failed"]
+    assert any("no_such_module" in r["error"] and "Traceback" in r["traceback"] for r in failed)
+    assert any("non-finite validation loss" in r["error"] for r in failed)
+    assert all(r["objectives"] is None and r["values"] for r in failed)
+    gens = read_jsonl(tmp_path / "run" / "generations.jsonl")
+    assert sum(g["failed"] for g in gens) >= 2 and all(g["best"] is not None for g in gens)
+    for s in summaries:  # the winners are genomes that trained fine
+        assert s["winner"]["values"]["target_modules"] == ["c_attn"] and s["winner"]["values"]["learning_rate"] == 1e-3
+        assert np.isfinite(s["end_loss"])
+
+
+class KillAWorker(Reporter):
+    """When the first evaluation of stage 1, generation 1 comes back, kills the run's other Ray
+    worker (known from earlier records), which is then in the middle of its own evaluation."""
+
+    def __init__(self):
+        self.pids, self.killed = set(), []
+
+    def evaluation_done(self, record):
+        pid = int(record["worker"].split(":")[1])
+        if (record["stage"], record["generation"]) == (1, 1) and not self.killed:
+            for victim in sorted(self.pids - {pid}):
+                psutil.Process(victim).kill()
+                self.killed.append(victim)
+        self.pids.add(pid)
+
+
+def test_a_killed_ray_worker_is_retried_with_identical_results(corpora, tmp_path, ray_session):
+    raw = tiny_experiment(corpora, tmp_path)
+    raw["search"]["space"]["max_steps"] = {"type": "int", "low": 60, "high": 80}  # long enough to be hit
+    raw["search"]["offspring_size"] = 4
+    config = parse_config(raw)
+    reporter = KillAWorker()
+    ContinualRun(config, tmp_path / "ray", lambda: RayExecutor(config.ray), reporter).run()
+    ContinualRun(config, tmp_path / "local", lambda: LocalExecutor(threads=1)).run()
+    assert reporter.killed, "no worker process was found to kill"
+
+    def outcome(d):
+        return sorted((r["stage"], r["genome_id"], r["status"], (r["objectives"] or {}).get("val_loss"))
+                      for r in read_jsonl(d / "evaluations.jsonl"))
+    assert outcome(tmp_path / "ray") == outcome(tmp_path / "local")
+    assert all(r["status"] == "ok" for r in read_jsonl(tmp_path / "ray" / "evaluations.jsonl"))
+    workers = {r["worker"] for r in read_jsonl(tmp_path / "ray" / "evaluations.jsonl") if not r["cached"]}
+    assert len(workers) >= 3  # the killed worker was replaced by a new process
+
+
+# ----- bad input: every mutated config is accepted or rejected with a ConfigError naming a field -----
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+                   st.text(max_size=8), st.lists(st.integers(0, 3), max_size=3), st.just({}),
+                   st.dictionaries(st.sampled_from(["type", "low", "high", "choices", "x"]),
+                                   st.one_of(st.integers(-3, 3), st.text(max_size=3)), max_size=3))
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+def _mutate(raw, path, action, value):
+    if not path:
+        return value if action == "replace" else raw
+    parent = raw
+    for p in path[:-1]:
+        parent = parent[p]
+    key = path[-1]
+    if action == "delete" and isinstance(parent, dict):
+        del parent[key]
+    elif action == "add" and isinstance(parent, dict):
+        parent["unexpected_" + str(key)] = value
+    else:
+        parent[key] = value
+    return raw
+
+
+@pytest.fixture(scope="module")
+def base_raw(corpora, tmp_path_factory):
+    raw = tiny_experiment(corpora, tmp_path_factory.mktemp("fuzz"))
+    raw["search"]["space"]["learning_rate"] = {"type": "log_uniform", "low": 1e-4, "high": 1e-2}
+    return raw
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_mutated_configs_are_accepted_or_rejected_with_a_field(base_raw, data):
+    raw = json.loads(json.dumps(base_raw))
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = list(_paths(raw)) if isinstance(raw, dict) else [()]
+        path = data.draw(st.sampled_from(paths))
+        raw = _mutate(raw, path, data.draw(st.sampled_from(["replace", "delete", "add"])), data.draw(VALUES))
+    try:
+        parse_config(raw)
+    except ConfigError as exc:
+        message = str(exc)
+        assert re.match(r"config: \S", message) and len(message.splitlines()) == 1
+        fields = {str(p) for path in _paths(raw if isinstance(raw, dict) else {}) for p in path if isinstance(p, str)}
+        assert any(f in message for f in fields | {"(top level)", "search", "model", "stages"}), message
+
+
+def test_a_top_level_that_is_not_a_mapping_is_a_config_error(tmp_path):
+    from evolm.config import load_config
+
+    path = tmp_path / "list.yaml"
+    path.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config(path)
+
+
+# ----- safety: nothing on a load path can execute code from a results directory -----
+
+def test_no_unsafe_deserialisation_in_the_package():
+    unsafe = re.compile(r"(^|[^a-z_])(c?pickle)\.(load|loads)\(|torch\.load\((?![^)]*weights_only=True)")
+    hits = [f"{p}:{n}" for p in sorted((ROOT / "evolm").rglob("*.py"))
+            for n, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
+    assert hits == []
+    assert not any("import pickle" in p.read_text() or "import cloudpickle" in p.read_text()
+                   for p in (ROOT / "evolm").rglob("*.py"))
+
+
+def test_ray_dashboard_is_off_by_default_and_local_only():
+    from evolm.config import RayConfig
+
+    assert RayConfig().dashboard is False
+    assert 'dashboard_host="127.0.0.1"' in (ROOT / "evolm" / "executor.py").read_text()
+
+
+def test_data_errors_name_the_file_and_the_fix(corpora, tmp_path):
+    from evolm.data import load_splits, pack
+    from evolm.errors import DataError
+
+    cases = {"latin1.txt": ("caf\xe9\n\nmore".encode("latin-1"), "text", "not UTF-8"),
+             "bad.jsonl": (b'{"text": "ok"}\n{not json\n', "jsonl", "line 2: not valid JSON"),
+             "nofield.jsonl": (b'{"body": "x"}\n', "jsonl", "no field 'text'"),
+             "noanswer.jsonl": (b'{"question": "q"}\n', "qa", "template field 'answer'"),
+             "array.jsonl": (b'[1, 2]\n', "jsonl", "expected a JSON object")}
+    for name, (content, fmt, expected) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        source = parse_config(tiny_experiment(corpora, tmp_path) | {"stages": [
+            {"name": "s", "format": fmt, "train": str(tmp_path / name)}]}).stages[0]
+        with pytest.raises(DataError, match=re.escape(name) + ".*" + re.escape(expected)):
+            load_splits(source)
+    with pytest.raises(DataError, match="fewer than one block of block_size=64"):
+        pack([[1, 2, 3]], eos_id=0, block_size=64, where="stage 's' (validation split)")
