@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from evolm.rundir import real_evaluations
+
 NUMERIC_TYPES = ("int", "uniform", "log_uniform")
 MIN_EVALUATIONS = 4
 
@@ -68,12 +70,12 @@ def gene_importance(rows: list[dict], fitness: list[float], space: dict | None =
 
 
 def stage_importances(evaluations: list[dict], space: dict | None = None) -> dict[int, dict[str, float]]:
-    """Per stage, gene importances over its ok, non-cached evaluations (stages with fewer than
-    ``MIN_EVALUATIONS`` of them are left out)."""
+    """Per stage, gene importances over its ok evaluations that really ran (not served from the
+    cache; ``evolm.rundir.real_evaluations``); stages with fewer than ``MIN_EVALUATIONS`` are left out."""
     by_stage: dict[int, tuple[list, list]] = {}
-    for e in evaluations:
+    for e in real_evaluations(evaluations):
         loss = (e.get("objectives") or {}).get("val_loss") if e.get("status") == "ok" else None
-        if e.get("cached") or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
             continue
         if isinstance(e.get("values"), dict) and isinstance(e.get("stage"), int):
             rows, fit = by_stage.setdefault(e["stage"], ([], []))

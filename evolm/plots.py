@@ -77,7 +77,7 @@ def fitness_series(run: RunRecords) -> dict:
         series["partial"].append(key not in logged)
     index = {k: i for i, k in enumerate(keys)}
     series["failed"] = [(index[(e["stage"], e["generation"])], e.get("genome_id"), e.get("error"))
-                        for e in run.evaluations if e.get("status") == "failed" and not e.get("cached")]
+                        for e in run.evaluated() if e.get("status") == "failed"]
     names, first = run.stage_names(), {}
     for i, (stage, _) in enumerate(keys):
         first.setdefault(stage, i)
@@ -96,12 +96,14 @@ def _mark_stages(ax, stages: list[tuple[int, int, str]], end: int) -> None:
 
 def plot_fitness(run: RunRecords, out: Path) -> Plot:
     s = fitness_series(run)
-    fig = Figure(figsize=(9, 4.5))
+    fig = Figure(figsize=(10, 4.5))
     ax = fig.add_subplot()
     style = {"best": ("tab:green", "o"), "median": ("tab:blue", "s"), "worst": ("tab:orange", "^")}
+    bounds = [x0 for x0, _, _ in s["stages"]] + [len(s["x"])]
     for name, (color, marker) in style.items():
         y = np.array([np.nan if v is None else v for v in s[name]], dtype=float)
-        ax.plot(s["x"], y, color=color, marker=marker, markersize=4, label=name)
+        for a, b in zip(bounds, bounds[1:]):  # one line per stage: each stage starts from a new base
+            ax.plot(s["x"][a:b], y[a:b], color=color, marker=marker, markersize=4, label=None if a else name)
         partial = [i for i, p in enumerate(s["partial"]) if p]
         if partial:
             ax.scatter(partial, y[partial], s=70, facecolors="none", edgecolors="k", zorder=3)
@@ -115,7 +117,7 @@ def plot_fitness(run: RunRecords, out: Path) -> Plot:
     ax.set_xticks(s["x"], [str(g) for _, g in s["keys"]])
     ax.set_xlabel("generation (within stage)")
     ax.set_ylabel("validation loss")
-    ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 0.93))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.suptitle(f"{run.name}: fitness per generation", fontsize=11)
     fig.tight_layout()
@@ -278,8 +280,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot_pareto(run: RunRecords, stage: int, out: Path) -> Plot | None:
     """Only for runs whose evaluations carry two or more objectives (the first two are drawn)."""
-    evals = [e for e in run.evaluations if e.get("stage") == stage and e.get("status") == "ok"
-             and not e.get("cached") and len(e.get("objectives") or {}) >= 2]
+    evals = [e for e in run.evaluated() if e.get("stage") == stage and e.get("status") == "ok"
+             and len(e.get("objectives") or {}) >= 2]
     if not evals:
         return None
     objectives = list(evals[0]["objectives"])
@@ -302,7 +304,7 @@ def plot_pareto(run: RunRecords, stage: int, out: Path) -> Plot | None:
 
 def plot_importance(run: RunRecords, out: Path) -> Plot | None:
     space = (run.config.get("search") or {}).get("space") or {}
-    shares = stage_importances(run.evaluations, space)
+    shares = stage_importances(run.evaluated(), space)
     if not shares:
         return None
     names = run.stage_names()

@@ -24,7 +24,7 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;m
   padding:0 1em;line-height:1.4}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em} th,td{border:1px solid #ccc;padding:.25em .5em;
-  text-align:left;vertical-align:top} th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
+  text-align:left;vertical-align:top} th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.learned{font-weight:bold;background:#eef6ee}
 code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}
 pre{white-space:pre-wrap;margin:0} img{max-width:100%;border:1px solid #eee;margin:.4em 0}
@@ -96,8 +96,8 @@ def _experiment(run: RunRecords) -> str:
             [_td("search"), _td(", ".join(f"{k}={search[k]}" for k in keys if k in search))],
             [_td("search space"), _td(", ".join((search.get("space") or {}).keys()))],
             [_td("workers"), _td(run.workers())], [_td("state"), f"<td>{state}</td>"],
-            [_td("evaluations"), _td(f"{sum(1 for e in run.evaluations if not e.get('cached'))} "
-                                     f"({sum(1 for e in run.evaluations if e.get('status') == 'failed')} failed)")]]
+            [_td("evaluations"), _td(f"{len(run.evaluated())} "
+                                     f"({sum(1 for e in run.evaluated() if e.get('status') == 'failed')} failed)")]]
     return (f"<h1>evolm run {_e(run.name)}</h1><p class=\"muted\">report written "
             f"{datetime.now():%Y-%m-%d %H:%M} from {_e(run.path)}</p>" + _table([], rows))
 
@@ -107,7 +107,7 @@ def _stages(run: RunRecords) -> str:
     rows = []
     for k, name in run.stage_names().items():
         s = summaries.get(k)
-        evals = [e for e in run.evaluations if e.get("stage") == k and not e.get("cached")]
+        evals = [e for e in run.evaluated() if e.get("stage") == k]
         if s:
             w = s.get("winner") or {}
             rows.append([_td(k), _td(name), _td(f"{_num(s.get('start_loss'))} → {_num(s.get('end_loss'))}", "num"),
@@ -187,7 +187,7 @@ def _top_genomes(run: RunRecords) -> str:
 
 
 def _failures(run: RunRecords) -> str:
-    failed = [e for e in run.evaluations if e.get("status") == "failed" and not e.get("cached")]
+    failed = [e for e in run.evaluated() if e.get("status") == "failed"]
     if not failed:
         return "<h2>Failed evaluations</h2><p>none</p>"
     rows = [[_td(e.get("stage")), _td(e.get("generation"), "num"), f"<td><code>{_e(e.get('genome_id'))}</code></td>",
@@ -221,7 +221,7 @@ def time_accounting(run: RunRecords) -> dict:
     (search wall seconds x workers); ``idle`` = the rest of the workers' time during the search."""
     workers, summaries, stats = run.workers(), {s.get("stage"): s for s in run.stage_summaries()}, {}
     for k in run.stage_names():
-        evals = [e for e in run.evaluations if e.get("stage") == k and not e.get("cached")]
+        evals = [e for e in run.evaluated() if e.get("stage") == k]
         search_wall = sum(g.get("seconds") or 0 for g in run.generations if g.get("stage") == k)
         total = sum(e.get("seconds") or 0 for e in evals)
         train = sum(e.get("train_seconds") or 0 for e in evals)

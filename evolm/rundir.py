@@ -66,6 +66,10 @@ class RunRecords:
                if e.get("stage") == stage and e.get("genome_id") in ids and val_loss(e) is not None}
         return min(fit, key=fit.get) if fit else None
 
+    def evaluated(self) -> list[dict]:
+        """One record per fine-tune that really ran: see ``real_evaluations``."""
+        return real_evaluations(self.evaluations)
+
     def learned_at(self) -> list[int | None]:
         """Per loss-matrix column, the row that learned it: 0 for a base domain, k for stage k,
         None for a stage not merged yet (see ``evolm.metrics``)."""
@@ -91,7 +95,7 @@ class RunRecords:
     def workers(self) -> int:
         """Evaluations that could run at once: the config's ray.num_workers, else the workers seen."""
         n = (self.config.get("ray") or {}).get("num_workers")
-        seen = {e.get("worker") for e in self.evaluations if e.get("worker") and not e.get("cached")}
+        seen = {e.get("worker") for e in self.evaluated() if e.get("worker")}
         if isinstance(n, int) and n >= 1:
             return min(n, len(seen)) if seen else n
         return max(1, len(seen))
@@ -115,6 +119,18 @@ def load_run(path: str | Path) -> RunRecords:
         summary=_read(path / "summary.json", json.loads),
         samples=_last_per_key(read_jsonl(path / "samples.jsonl"), ("stage", "prompt")),
     )
+
+
+def real_evaluations(evaluations: list[dict]) -> list[dict]:
+    """The records of evaluations that ran: records served from the cache are left out, and so are
+    repeats of one result (same stage and ``result_of`` / genome id), whatever their ``cached`` flag."""
+    seen, out = set(), []
+    for e in evaluations:
+        key = (e.get("stage"), e.get("result_of") or e.get("genome_id"))
+        if not e.get("cached") and key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
 
 
 def val_loss(evaluation: dict) -> float | None:

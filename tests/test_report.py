@@ -12,7 +12,7 @@ from PIL import Image
 
 from evolm.checkpoint import append_jsonl, read_jsonl
 from evolm.report import time_accounting, write_report
-from evolm.rundir import load_run
+from evolm.rundir import load_run, real_evaluations
 from tests.tiny_runs import PROMPTS, crashed_copy, make_tiny_run
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -65,12 +65,19 @@ def test_samples_side_by_side_for_every_stage(run_dir, page):
 
 def test_time_accounting_adds_up(run_dir):
     acc = time_accounting(load_run(run_dir))
-    evals = [e for e in read_jsonl(run_dir / "evaluations.jsonl") if not e["cached"]]
+    evals = real_evaluations(read_jsonl(run_dir / "evaluations.jsonl"))
     assert acc["workers"] == 1  # LocalExecutor: one worker seen, though the config asks for two
     assert acc["total"]["train"] == pytest.approx(sum(e["train_seconds"] for e in evals))
     assert acc["total"]["evaluation"] == pytest.approx(sum(e["seconds"] for e in evals))
     for stage in acc["stages"].values():
         assert 0 < stage["utilisation"] <= 1.0 and stage["wall"] >= stage["search_wall"]
+
+
+def test_an_evaluation_counts_once_whatever_its_cached_flag_says():
+    first = {"stage": 1, "genome_id": "a", "result_of": "a", "cached": False}
+    records = [first, first | {"generation": 2}, {"stage": 1, "genome_id": "b", "result_of": "a", "cached": True},
+               {"stage": 2, "genome_id": "a", "result_of": "a", "cached": False}, {"stage": 1, "genome_id": "c"}]
+    assert real_evaluations(records) == [first, records[3], records[4]]
 
 
 def test_text_from_files_is_escaped(run_dir, tmp_path):
