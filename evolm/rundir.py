@@ -127,7 +127,7 @@ def real_evaluations(evaluations: list[dict]) -> list[dict]:
     seen, out = set(), []
     for e in evaluations:
         key = (e.get("stage"), e.get("result_of") or e.get("genome_id"))
-        if not e.get("cached") and key not in seen:
+        if not e.get("cached") and (key[1] is None or key not in seen):
             seen.add(key)
             out.append(e)
     return out

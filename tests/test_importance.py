@@ -56,10 +56,12 @@ def test_numeric_genes_are_binned_by_quantiles():
 
 def test_stage_importances_use_ok_uncached_evaluations_only():
     rows = genomes(12)
-    evals = [{"stage": 1, "status": "ok", "cached": False, "values": v, "objectives": {"val_loss": 3 + v["use_bias"]}}
-             for v in rows]
+    evals = [{"stage": 1, "status": "ok", "cached": False, "values": v, "objectives": {"val_loss": 3 + v["use_bias"]},
+              "genome_id": f"g{i}"} for i, v in enumerate(rows)]
     evals += [{"stage": 1, "status": "failed", "cached": False, "values": rows[0], "objectives": None},
               {"stage": 1, "status": "ok", "cached": True, "values": rows[0], "objectives": {"val_loss": 99.0}},
+              {"stage": 1, "status": "ok", "cached": False, "values": rows[0], "objectives": {"val_loss": 99.0},
+               "genome_id": "g0"},  # the same result logged twice: counted once
               {"stage": 2, "status": "ok", "cached": False, "values": rows[1], "objectives": {"val_loss": 1.0}}]
     result = stage_importances(evals, SPACE)
     assert list(result) == [1]  # stage 2 has too few evaluations to say anything

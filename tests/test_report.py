@@ -84,7 +84,7 @@ def test_text_from_files_is_escaped(run_dir, tmp_path):
     copy = tmp_path / "hostile"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("plots", "report.html"))
     record = read_jsonl(copy / "evaluations.jsonl")[-1] | {
-        "status": "failed", "objectives": None, "cached": False, "genome_id": "evil0001",
+        "status": "failed", "objectives": None, "cached": False, "genome_id": "evil0001", "result_of": "evil0001",
         "error": "<script>alert('x')</script>", "traceback": "Traceback <b>here</b>"}
     append_jsonl(copy / "evaluations.jsonl", record)
     append_jsonl(copy / "samples.jsonl", {"stage": 1, "stage_name": "code", "prompt": "<img src=x>", "text": "&"})
