@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,7 +284,10 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: str = "config") 
     try:
         return ExperimentConfig.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        message = "; ".join(_describe(e) for e in exc.errors())
+        # User text may hold control characters; the message stays one printable line.
+        message = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
+        raise ConfigError(f"{source}: {message}") from None
 
 
 def _describe(error: dict) -> str:
