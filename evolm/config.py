@@ -21,7 +21,8 @@ from evolm.space import Gene
 
 # Gene names the training loop understands; a gene outside this list would silently do nothing.
 KNOWN_GENES = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers", "learning_rate",
-               "max_steps", "weight_decay", "warmup_ratio", "per_device_train_batch_size")
+               "max_steps", "weight_decay", "warmup_ratio", "per_device_train_batch_size", "replay_ratio")
+OBJECTIVE_NAMES = ("val_loss", "retention_loss", "adapter_params")
 
 # LoRA targets per model family: (attention only, attention + output, all linear layers).
 TARGET_MODULES = {
@@ -136,9 +137,25 @@ class TrainingConfig(Section):
     eval_max_batches: int | None = Field(default=None, ge=1)
     """Cap on validation batches per evaluation (None: the whole validation split)."""
     max_grad_norm: float = Field(default=1.0, gt=0)
+    replay_ratio: float = Field(default=0.0, ge=0, lt=1)
+    """Share of each training batch drawn from earlier stages' replay buffer."""
+
+
+class WinnerConfig(Section):
+    """How the stage winner is picked from the hall of fame / Pareto set (never on test splits)."""
+
+    rule: Literal["min_first", "min_val_loss_within_retention"] = "min_first"
+    """min_first: lowest first objective. min_val_loss_within_retention: the lowest val_loss whose
+    retention_loss is at most (1 + epsilon) times the stage base's, else the lowest retention_loss."""
+    epsilon: float = Field(default=0.05, ge=0)
 
 
 class SearchConfig(Section):
+    objectives: list[Literal["val_loss", "retention_loss", "adapter_params"]] = Field(default=["val_loss"], min_length=1)
+    """What evolution minimises: one objective -> (mu + lambda); several -> NSGA-II. retention_loss is the
+    validation loss on all earlier stages (the base's own domain included)."""
+    winner: WinnerConfig = Field(default_factory=WinnerConfig)
+
     population_size: int = Field(default=6, ge=2)
     """mu: genomes kept from generation to generation (and carried to the next stage)."""
     offspring_size: int = Field(default=6, ge=1)
@@ -155,6 +172,10 @@ class SearchConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives must not repeat (got {self.objectives})")
+        if self.winner.rule == "min_val_loss_within_retention" and not {"val_loss", "retention_loss"} <= set(self.objectives):
+            raise ValueError("winner.rule min_val_loss_within_retention needs objectives val_loss and retention_loss")
         if self.crossover_prob + self.mutation_prob > 1:
             raise ValueError(f"crossover_prob + mutation_prob must be <= 1 "
                              f"(now {self.crossover_prob} + {self.mutation_prob})")
@@ -185,6 +206,33 @@ class RayConfig(Section):
     """Start Ray's dashboard (bound to 127.0.0.1) with a local cluster."""
     max_retries: int = Field(default=2, ge=0)
     """Retries of an evaluation whose worker process died."""
+
+
+class MergeConfig(Section):
+    """How stage winners become the next base (see DESIGN "Merging, precisely")."""
+
+    method: Literal["best", "task_arithmetic", "ties", "dare", "dare_ties", "auto"] = "best"
+    """best: the winner alone; task_arithmetic / ties / dare / dare_ties: the dense weight deltas of the
+    top_k genomes; auto: build each candidate, score on validation splits, keep the best by the winner rule."""
+    top_k: int = Field(default=1, ge=1)
+    """Genomes merged (best first by the winner rule); ranks may differ."""
+    weights: list[float] | None = None
+    """Weight of each of the top_k deltas (default: 1 / top_k each)."""
+    density: float = Field(default=0.5, gt=0, le=1)
+    """ties / dare: share of each delta's entries kept."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.weights is not None and len(self.weights) != self.top_k:
+            raise ValueError(f"weights has {len(self.weights)} values but top_k is {self.top_k}; give one weight per genome")
+        return self
+
+
+class ReplayConfig(Section):
+    buffer_blocks: int = Field(default=256, ge=1)
+    """Training blocks kept per earlier stage (a deterministic sample) for the replay_ratio gene."""
+    include_base_domain: bool = True
+    """Replay the pretraining domain too."""
 
 
 class CheckpointConfig(Section):
@@ -221,6 +269,8 @@ class ExperimentConfig(Section):
     """Prompts sampled from the base and after every stage's merge, into ``samples.jsonl``."""
     sample_max_new_tokens: int = Field(default=40, ge=1)
     """Tokens generated per prompt for ``samples.jsonl``."""
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
@@ -360,6 +410,7 @@ def default_space(config: ExperimentConfig, family: str) -> dict[str, Any]:
         "max_steps": {"type": "int", "low": max(1, steps // 2), "high": max(1, steps * 2)},
         "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
         "warmup_ratio": {"type": "uniform", "low": 0.0, "high": 0.2},
+        "replay_ratio": {"type": "uniform", "low": 0.0, "high": 0.5},
     }
     if family in TARGET_MODULES:
         raw["target_modules"] = {"type": "categorical", "choices": TARGET_MODULES[family]}

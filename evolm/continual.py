@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from deap import tools
 from safetensors.numpy import load_file, save_file
 
 from evolm import __version__
@@ -34,16 +33,17 @@ from evolm.checkpoint import (_list_to_tuple, _tuple_to_list, append_jsonl, chec
                               read_jsonl, restore_global_rng, save_checkpoint, write_atomic, write_json)
 from evolm.config import ExperimentConfig, default_target_modules, resolve_space
 from evolm.errors import EvolmError, RunDirError
-from evolm.evolution import Evolution, fitness_summary
+from evolm.evolution import Evolution, fitness_summary, rank_by_rule
 from evolm.executor import EvalRequest, StagePayload
 from evolm.generate import write_samples
 from evolm.genome import Genome, canonical_json, evaluation_seed, hyperparameters
-from evolm.merge import merge_best
+from evolm.merge import merge_winners
+from evolm.metrics import summarize
+from evolm.replay import ReplayBuffer
 from evolm.models import ModelPayload, build_model, family_and_layers, load_model, save_model, train_tokenizer
 from evolm.train import evaluate, train_loop
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("val_loss",)
 
 
 class Reporter:
@@ -93,6 +93,7 @@ class ContinualRun:
         self.config, self.run_dir, self.make_executor = config, Path(run_dir), make_executor
         self.reporter = reporter or Reporter()
         self.training = config.training.model_dump()
+        self.objectives = list(config.search.objectives)
         self.n_base_domains = 1 if config.model.pretrain else 0
 
     # ----- entry points -------------------------------------------------------------------
@@ -194,7 +195,7 @@ class ContinualRun:
         resolved["search"]["space"] = {k: g.model_dump(mode="json") for k, g in self.space.items()}
         resolved["training"] = self.training
         write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        self.evolution = Evolution(self.space, cfg.search, cfg.seed, len(OBJECTIVES))
+        self.evolution = Evolution(self.space, cfg.search, cfg.seed, len(self.objectives))
 
     def _pretrain(self, domain: Domain) -> None:
         p = self.config.model.pretrain
@@ -236,6 +237,7 @@ class ContinualRun:
             else:
                 first_stage, first_gen, hof_items = state["stage"], state["generation"] + 1, state["hall_of_fame"]
         self._repair_logs(state)
+        self._fill_replay(first_stage)
         if first_stage <= len(self.config.stages):
             self.executor = self.make_executor()
             try:
@@ -251,9 +253,16 @@ class ContinualRun:
         start = time.perf_counter()
         domain = self.domains[self.n_base_domains + k - 1]
         search = self._stage_search(k, domain)
+        blocks = {s: domain.blocks[s] for s in ("train", "validation")}
+        if len(self.replay):
+            blocks["replay"] = self.replay.blocks()
+        if "retention_loss" in self.objectives or self.config.search.winner.rule != "min_first":
+            blocks["retention"] = self._retention_blocks(k)
+            self.base_retention = self._eval(self.base, blocks["retention"])
         self.executor.set_stage(StagePayload(f"{self.run_dir.resolve()}/stage-{k}", ModelPayload.of(self.base),
-                                             {s: domain.blocks[s] for s in ("train", "validation")}, self.training))
-        evo, hof = self.evolution, self.evolution.hall_of_fame()
+                                             blocks, self.training))
+        evo = self.evolution
+        hof = evo.hall_of_fame() if len(self.objectives) == 1 else evo.pareto_archive()
         if hof_items:
             hof.update([self._genome_from_json(d) for d in hof_items])
         if first_gen == 0:
@@ -268,31 +277,59 @@ class ContinualRun:
             self._generation(search, gen, offspring, population + offspring, hof)
             population = evo.select(population + offspring)
             self._checkpoint(k, gen, population, hof)
-        self._merge(search, tools.selBest(population, 1)[0], hof, start)
+        self._merge(search, blocks, hof, start)
         self._checkpoint(k, None, population, hof)
-        self._prune_adapters(k, keep={self.summaries[-1]["winner"]["result_of"]})
+        self._prune_adapters(k, keep=set(self.summaries[-1]["merged"]))
+        self.replay.add(domain.name, domain.blocks["train"])
         return population
 
-    def _merge(self, search: StageSearch, winner: Genome, hof, start: float) -> None:
-        k, domain = search.index, search.domain
-        if not np.isfinite(winner.fitness.values[0]):
+    def _merge(self, search: StageSearch, blocks: dict, hof, start: float) -> None:
+        k, domain, mc = search.index, search.domain, self.config.merge
+        ranked = rank_by_rule(list(hof), self.objectives, self._winner_rule())
+        if not ranked:
             errors = [r.get("error") for r in search.cache.values() if r.get("error")]
             raise EvolmError(f"stage '{domain.name}': every evaluation failed (first error: {errors[:1]}); "
                              f"see evaluations.jsonl")
-        result_of = search.cache[winner.key()]["genome_id"]
-        adapter = load_file(str(self._adapter_path(k, result_of)))
-        self.base = merge_best(self.base, hyperparameters(winner.values, self.training), adapter)
+        chosen = ranked[: mc.top_k]
+        sources = [search.cache[g.key()]["genome_id"] for g in chosen]
+        winners = [(hyperparameters(g.values, self.training), load_file(str(self._adapter_path(k, src))))
+                   for g, src in zip(chosen, sources)]
+        methods = ["best", "task_arithmetic", "ties", "dare"] if mc.method == "auto" else [mc.method]
+        candidates = [(m, merge_winners(self.base, winners, m, mc.weights, mc.density, self.config.seed + k))
+                      for m in methods]
+        method, self.base = candidates[0] if len(candidates) == 1 else self._best_merge(candidates, blocks)
         self._save_model(k)
-        write_samples(self.run_dir, self.base, self.tokenizer, self.config, k, domain.name)
         self.loss_matrix = self.loss_matrix[:k] + [self._test_losses(self.base)]
         self._write_loss_matrix()
-        col = self.n_base_domains + k - 1
+        col, winner = self.n_base_domains + k - 1, chosen[0]
         summary = {"stage": k, "name": domain.name, "start_loss": self.loss_matrix[k - 1][col],
-                   "end_loss": self.loss_matrix[k][col], "winner": winner.to_json() | {"result_of": result_of},
-                   "winner_val_loss": winner.fitness.values[0], "evaluations": search.evaluations,
-                   "hall_of_fame": [g.id for g in hof], "seconds": time.perf_counter() - start}
+                   "end_loss": self.loss_matrix[k][col], "winner": winner.to_json() | {"result_of": sources[0]},
+                   "winner_objectives": dict(zip(self.objectives, winner.fitness.values)),
+                   "winner_val_loss": winner.fitness.values[0], "merge_method": method, "merged": sources,
+                   "evaluations": search.evaluations, "hall_of_fame": [g.id for g in hof],
+                   "seconds": time.perf_counter() - start}
         self.summaries = self.summaries[: k - 1] + [summary]
         self.reporter.stage_end(summary)
+
+    def _winner_rule(self) -> dict:
+        rule = self.config.search.winner.model_dump()
+        return rule | {"base_retention": getattr(self, "base_retention", None)}
+
+    def _best_merge(self, candidates: list[tuple[str, object]], blocks: dict) -> tuple[str, object]:
+        """``auto``: each candidate merge scored on validation splits, the best by the winner rule."""
+        scored = []
+        for method, model in candidates:
+            g = Genome(values={}, id=method, fitness=self.evolution.fitness_class())
+            values = {"val_loss": self._eval(model, blocks["validation"]),
+                      "retention_loss": self._eval(model, blocks["retention"]) if "retention" in blocks else 0.0,
+                      "adapter_params": 0.0}
+            g.fitness.values = tuple(values[o] for o in self.objectives)
+            scored.append((g, (method, model)))
+        rule = self._winner_rule() if "retention" in blocks else {"rule": "min_first"}
+        best = rank_by_rule([g for g, _ in scored], self.objectives, rule)[0]
+        method, model = next(c for g, c in scored if g is best)
+        self.reporter.message(f"auto merge: {method} chosen among {', '.join(m for m, _ in candidates)}")
+        return method, model
 
     def _generation(self, search: StageSearch, gen: int, new: list[Genome], everyone: list[Genome], hof) -> None:
         start = time.perf_counter()
@@ -336,7 +373,7 @@ class ContinualRun:
 
     def _assign(self, search: StageSearch, gen: int, genomes: list[Genome], result: dict, write: bool = True) -> None:
         ok = result["status"] == "ok"
-        values = tuple(result["objectives"][o] if ok else float("inf") for o in OBJECTIVES)
+        values = tuple(result["objectives"][o] if ok else float("inf") for o in self.objectives)
         for g in genomes:
             g.fitness.values = values
             if not write:
@@ -409,14 +446,37 @@ class ContinualRun:
         os.replace(tmp, final)
 
     # ----- measurements -------------------------------------------------------------------
+    def _eval(self, model, blocks: np.ndarray) -> float:
+        return evaluate(model, blocks, self.training["eval_batch_size"], self.training["eval_max_batches"])
+
+    def _retention_blocks(self, k: int) -> np.ndarray:
+        """Validation blocks of every domain before stage k, in equal shares within the evaluation cap."""
+        earlier = self.domains[: self.n_base_domains + k - 1]
+        cap = self.training["eval_max_batches"]
+        share = None if cap is None else max(1, cap * self.training["eval_batch_size"] // max(1, len(earlier)))
+        parts = [d.blocks["validation"][:share] for d in earlier]
+        return np.concatenate(parts) if parts else self.domains[self.n_base_domains + k - 1].blocks["validation"][:0]
+
+    def _fill_replay(self, first_stage: int) -> None:
+        """The replay buffer holds every domain learned before ``first_stage`` (rebuilt the same on resume)."""
+        self.replay = ReplayBuffer(self.config.replay.buffer_blocks, self.config.seed)
+        learned = self.domains[self.n_base_domains: self.n_base_domains + first_stage - 1]
+        if self.n_base_domains and self.config.replay.include_base_domain:
+            learned = [self.domains[0]] + learned
+        for d in learned:
+            self.replay.add(d.name, d.blocks["train"])
+
     def _test_losses(self, model) -> list[float]:
         return [evaluate(model, d.blocks["test"], self.training["eval_batch_size"], None) for d in self.domains]
 
     def _write_loss_matrix(self) -> None:
         names = [d.name for d in self.domains]
         rows = ["base"] + [s.name for s in self.config.stages][: len(self.loss_matrix) - 1]
-        write_json(self.run_dir / "loss_matrix.json",
-                   {"columns": names, "rows": rows, "matrix": self.loss_matrix, "split": "test"})
+        learned_at = [0] * self.n_base_domains + [k if k < len(self.loss_matrix) else None
+                                                  for k in range(1, len(self.config.stages) + 1)]
+        matrix = {"columns": names, "rows": rows, "matrix": self.loss_matrix, "split": "test", "learned_at": learned_at}
+        write_json(self.run_dir / "loss_matrix.json", matrix)
+        write_json(self.run_dir / "metrics.json", summarize(matrix, learned_at))
 
 
 def _genome_state(g: Genome) -> dict:

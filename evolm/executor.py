@@ -61,9 +61,10 @@ class _StageRunner:
         try:
             result = evaluate_genome(self.model, self.stage.blocks, request.hp, request.seed,
                                      self.stage.training, self.device)
-            loss = result["objectives"]["val_loss"]
-            if not math.isfinite(loss):
-                result.update(status="failed", error=f"non-finite validation loss ({loss})", adapter=None)
+            bad = {k: v for k, v in result["objectives"].items() if not math.isfinite(v)}
+            if bad:
+                what = ", ".join(f"{k}={v}" for k, v in bad.items())
+                result.update(status="failed", error=f"non-finite validation loss ({what})", adapter=None)
             else:
                 result["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure of one genome is recorded, not raised

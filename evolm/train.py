@@ -101,16 +101,21 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
     """One evaluation: fine-tune an adapter, then measure the objectives on validation splits.
 
     The adapter's weights come back as numpy arrays (small), so the driver can merge the winner
-    without training it again. ``blocks["replay"]`` (optional): earlier stages' blocks to replay.
+    without training it again. ``blocks["replay"]`` (optional): earlier stages' blocks to replay;
+    ``blocks["retention"]`` (optional): earlier stages' validation blocks, for ``retention_loss``.
     """
     from peft import get_peft_model_state_dict
 
     start = time.perf_counter()
     model, curve = fine_tune(base_model, blocks["train"], hp, seed, device, blocks.get("replay"))
     trained = time.perf_counter()
-    val_loss = (evaluate(model, blocks["validation"], training["eval_batch_size"], training["eval_max_batches"], device)
-                if math.isfinite(curve["last"]) else float("nan"))
+    measure = lambda split: (evaluate(model, blocks[split], training["eval_batch_size"], training["eval_max_batches"],  # noqa: E731
+                                      device) if math.isfinite(curve["last"]) else float("nan"))
+    val_loss = measure("validation")
     adapter = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"objectives": {"val_loss": val_loss}, "curve": curve, "adapter": adapter, "adapter_params": n_params,
+    objectives = {"val_loss": val_loss, "adapter_params": float(n_params)}
+    if "retention" in blocks:  # validation blocks of every earlier stage, the base's domain included
+        objectives["retention_loss"] = measure("retention")
+    return {"objectives": objectives, "curve": curve, "adapter": adapter, "adapter_params": n_params,
             "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
