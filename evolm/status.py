@@ -53,7 +53,7 @@ def run_status(run_dir: Path) -> dict:
             "generations": search["generations"], "evaluations_done": done, "evaluations_planned": planned,
             "failed": sum(r["status"] != "ok" for r in evals), "best_val_loss": best,
             "elapsed_seconds": elapsed, "estimated_seconds_left": left,
-            "checkpoint": (state or {}).get("tag"), "warnings": warnings}
+            "checkpoint": (state or {}).get("tag"), "warnings": warnings, "metrics": _metrics(run_dir)}
 
 
 def format_status(s: dict) -> str:
@@ -67,8 +67,20 @@ def format_status(s: dict) -> str:
              f"checkpoint {s['checkpoint'] or 'none yet'}"]
     for name, loss in s["best_val_loss"].items():
         lines.append(f"best       {name}: val_loss {loss:.4f}")
+    m = s["metrics"]
+    if m:
+        fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+        lines.append(f"metrics    average final test loss {fmt(m.get('average_final_loss'))}, mean forgetting "
+                     f"{fmt(m.get('mean_forgetting'))}, backward transfer {fmt(m.get('backward_transfer'))}")
     lines += [f"warning    {w}" for w in s["warnings"]]
     return "\n".join(lines)
+
+
+def _metrics(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _alive(run_dir: Path) -> bool:

@@ -140,6 +140,7 @@ def test_resume_refuses_changed_config_but_allows_extension(reference, corpora, 
 
     status = subprocess.run(evolm_cmd("status", run_dir), capture_output=True, text=True, env=env(), cwd=ROOT)
     assert status.returncode == 0 and "finished" in status.stdout and "stage      2/2" in status.stdout
+    assert "mean forgetting" in status.stdout and "evaluated  " in status.stdout
 
 
 def test_status_and_resume_of_a_directory_that_is_not_a_run(tmp_path):
