@@ -384,7 +384,7 @@ class ContinualRun:
                       "error": result.get("error"), "traceback": result.get("traceback"),
                       "curve": result.get("curve"), "adapter_params": result.get("adapter_params"),
                       "seconds": result.get("seconds"), "train_seconds": result.get("train_seconds"),
-                      "worker": result.get("worker"), "cached": g.id != result["genome_id"],
+                      "worker": result.get("worker"), "node": result.get("node"), "cached": g.id != result["genome_id"],
                       "result_of": result["genome_id"],
                       "seed": evaluation_seed(self.config.seed, search.index, result["genome_id"])}
             append_jsonl(self.run_dir / "evaluations.jsonl", record)

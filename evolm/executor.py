@@ -50,6 +50,7 @@ class _StageRunner:
         self.device = pick_device(use_gpu)
         self.key, self.model, self.stage = None, None, None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = socket.gethostname()
 
     def load(self, stage: StagePayload) -> None:
         if stage.key != self.key:  # the base model is built once per stage per worker
@@ -72,7 +73,8 @@ class _StageRunner:
                 torch.cuda.empty_cache()
             result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                       "traceback": traceback.format_exc(limit=8), "objectives": {}, "adapter": None}
-        result.update(genome_id=request.genome_id, seconds=time.perf_counter() - start, worker=self.worker)
+        result.update(genome_id=request.genome_id, seconds=time.perf_counter() - start, worker=self.worker,
+                      node=self.node)
         return result
 
 
@@ -166,6 +168,7 @@ class RayExecutor:
 class _RayWorker:
     def __init__(self, threads: int, use_gpu: bool):
         self.runner = _StageRunner(threads, use_gpu)
+        self.runner.node = self._ray().get_runtime_context().get_node_id()[:12]  # several nodes may share a host
 
     def run(self, stage_key: str, stage_ref: list, request: EvalRequest) -> dict:
         if stage_key != self.runner.key:
