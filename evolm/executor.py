@@ -116,7 +116,8 @@ class RayExecutor:
                 if address:
                     ray.init(address=address, log_to_driver=False, configure_logging=False)
                 else:
-                    ray.init(num_cpus=math.ceil(self.workers * cfg.num_cpus_per_trial),
+                    # address="local": a new cluster of our own, even if another Ray runs on this machine
+                    ray.init(address="local", num_cpus=math.ceil(self.workers * cfg.num_cpus_per_trial),
                              num_gpus=math.ceil(self.workers * cfg.num_gpus_per_trial) or None,
                              include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
                              log_to_driver=False, configure_logging=False)
