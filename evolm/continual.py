@@ -19,24 +19,24 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from safetensors.numpy import load_file, save_file
 
 from evolm import __version__
 from evolm import data as stage_data
 from evolm.checkpoint import (_list_to_tuple, _tuple_to_list, append_jsonl, checkpoint_tag, latest_checkpoint,
-                              read_jsonl, restore_global_rng, save_checkpoint, write_atomic, write_json)
+                              restore_global_rng, save_checkpoint, write_atomic, write_json)
 from evolm.config import ExperimentConfig, default_target_modules, resolve_space
 from evolm.errors import EvolmError, RunDirError
 from evolm.evolution import Evolution, fitness_summary, rank_by_rule
 from evolm.executor import EvalRequest, StagePayload
 from evolm.generate import write_samples
-from evolm.genome import Genome, canonical_json, evaluation_seed, hyperparameters
+from evolm.genome import Genome, evaluation_seed, hyperparameters
+from evolm.ledger import StageLedger, repair_logs
 from evolm.merge import merge_winners
 from evolm.metrics import summarize
 from evolm.replay import ReplayBuffer
@@ -75,15 +75,11 @@ class Domain:
 
 @dataclass
 class StageSearch:
-    """One stage's search: its ledger of finished evaluations and the fitness cache it implies."""
+    """One stage's search: its domain and its ledger of finished evaluations."""
 
     index: int
     domain: Domain
-    ledger: dict[tuple[int, str], dict] = field(default_factory=dict)
-    """(generation, genome id) -> evaluation record, from evaluations.jsonl."""
-    cache: dict[str, dict] = field(default_factory=dict)
-    """genome key -> record of the evaluation that trained it: the same genome is never trained twice."""
-    evaluations: int = 0
+    ledger: StageLedger
 
 
 class ContinualRun:
@@ -236,7 +232,7 @@ class ContinualRun:
                 first_stage = state["stage"] + 1
             else:
                 first_stage, first_gen, hof_items = state["stage"], state["generation"] + 1, state["hall_of_fame"]
-        self._repair_logs(state)
+        repair_logs(self.run_dir, state)
         self._fill_replay(first_stage)
         if first_stage <= len(self.config.stages):
             self.executor = self.make_executor()
@@ -252,7 +248,7 @@ class ContinualRun:
     def run_stage(self, k: int, population: list[Genome] | None, first_gen: int, hof_items) -> list[Genome]:
         start = time.perf_counter()
         domain = self.domains[self.n_base_domains + k - 1]
-        search = self._stage_search(k, domain)
+        search = StageSearch(k, domain, StageLedger.read(self.run_dir, k))
         blocks = {s: domain.blocks[s] for s in ("train", "validation")}
         if len(self.replay):
             blocks["replay"] = self.replay.blocks()
@@ -279,7 +275,7 @@ class ContinualRun:
             self._checkpoint(k, gen, population, hof)
         self._merge(search, blocks, hof, start)
         self._checkpoint(k, None, population, hof)
-        self._prune_adapters(k, keep=set(self.summaries[-1]["merged"]))
+        search.ledger.prune_adapters(keep=set(self.summaries[-1]["merged"]))
         self.replay.add(domain.name, domain.blocks["train"])
         return population
 
@@ -287,12 +283,12 @@ class ContinualRun:
         k, domain, mc = search.index, search.domain, self.config.merge
         ranked = rank_by_rule(list(hof), self.objectives, self._winner_rule())
         if not ranked:
-            errors = [r.get("error") for r in search.cache.values() if r.get("error")]
+            errors = [r.get("error") for r in search.ledger.cache.values() if r.get("error")]
             raise EvolmError(f"stage '{domain.name}': every evaluation failed (first error: {errors[:1]}); "
                              f"see evaluations.jsonl")
         chosen = ranked[: mc.top_k]
-        sources = [search.cache[g.key()]["genome_id"] for g in chosen]
-        winners = [(hyperparameters(g.values, self.training), load_file(str(self._adapter_path(k, src))))
+        sources = [search.ledger.cache[g.key()]["genome_id"] for g in chosen]
+        winners = [(hyperparameters(g.values, self.training), search.ledger.load_adapter(src))
                    for g, src in zip(chosen, sources)]
         methods = ["best", "task_arithmetic", "ties", "dare"] if mc.method == "auto" else [mc.method]
         candidates = [(m, merge_winners(self.base, winners, m, mc.weights, mc.density, self.config.seed + k))
@@ -306,7 +302,7 @@ class ContinualRun:
                    "end_loss": self.loss_matrix[k][col], "winner": winner.to_json() | {"result_of": sources[0]},
                    "winner_objectives": dict(zip(self.objectives, winner.fitness.values)),
                    "winner_val_loss": winner.fitness.values[0], "merge_method": method, "merged": sources,
-                   "evaluations": search.evaluations, "hall_of_fame": [g.id for g in hof],
+                   "evaluations": search.ledger.trained, "hall_of_fame": [g.id for g in hof],
                    "seconds": time.perf_counter() - start}
         self.summaries = self.summaries[: k - 1] + [summary]
         self.reporter.stage_end(summary)
@@ -350,26 +346,26 @@ class ContinualRun:
         was trained on this stage already), or from a new evaluation."""
         waiting: dict[str, list[Genome]] = {}
         for g in todo:
-            done = search.ledger.get((gen, g.id))
+            done = search.ledger.records.get((gen, g.id))
             if done is not None and done["values"] == g.values:
-                self._assign(search, gen, [g], search.cache[g.key()], write=False)
+                self._assign(search, gen, [g], search.ledger.cache[g.key()], write=False)
             else:
                 waiting.setdefault(g.key(), []).append(g)
         requests = [EvalRequest(gs[0].id, hyperparameters(gs[0].values, self.training),
                                 evaluation_seed(self.config.seed, search.index, gs[0].id))
-                    for key, gs in waiting.items() if key not in search.cache]
+                    for key, gs in waiting.items() if key not in search.ledger.cache]
 
         def on_result(result: dict) -> None:
             key = next(k for k, gs in waiting.items() if gs[0].id == result["genome_id"])
             if result["status"] == "ok":  # the adapter is on disk before the ledger says "done"
-                _save_atomic(result.pop("adapter"), self._adapter_path(search.index, result["genome_id"]))
-            search.cache[key] = result
-            search.evaluations += 1
+                search.ledger.save_adapter(result["genome_id"], result.pop("adapter"))
+            search.ledger.cache[key] = result
+            search.ledger.trained += 1
             self._assign(search, gen, waiting.pop(key), result)
 
         self.executor.map(requests, on_result)
         for key, genomes in waiting.items():  # genomes whose twin was evaluated earlier
-            self._assign(search, gen, genomes, search.cache[key])
+            self._assign(search, gen, genomes, search.ledger.cache[key])
 
     def _assign(self, search: StageSearch, gen: int, genomes: list[Genome], result: dict, write: bool = True) -> None:
         ok = result["status"] == "ok"
@@ -388,21 +384,10 @@ class ContinualRun:
                       "result_of": result["genome_id"],
                       "seed": evaluation_seed(self.config.seed, search.index, result["genome_id"])}
             append_jsonl(self.run_dir / "evaluations.jsonl", record)
-            search.ledger[(gen, g.id)] = record
+            search.ledger.records[(gen, g.id)] = record
             self.reporter.evaluation_done(record)
 
     # ----- run state on disk --------------------------------------------------------------
-    def _stage_search(self, k: int, domain: Domain) -> StageSearch:
-        search = StageSearch(k, domain)
-        for r in read_jsonl(self.run_dir / "evaluations.jsonl"):
-            if r["stage"] != k:
-                continue
-            search.ledger[(r["generation"], r["genome_id"])] = r
-            if not r["cached"]:
-                search.cache[canonical_json(r["values"])] = r | {"genome_id": r["result_of"]}
-                search.evaluations += 1
-        return search
-
     def _checkpoint(self, k: int, gen: int | None, population: list[Genome], hof) -> None:
         state = {"stage": k, "generation": gen, "stage_done": gen is None,
                  "population": [_genome_state(g) for g in population], "hall_of_fame": [_genome_state(g) for g in hof],
@@ -412,30 +397,12 @@ class ContinualRun:
                  "elapsed": self.elapsed_before + time.time() - self.session_start}
         save_checkpoint(self.run_dir, checkpoint_tag(k, gen), state, self.config.checkpoint.keep_last)
 
-    def _repair_logs(self, state: dict | None) -> None:
-        """Drop torn lines (a kill mid-write) and generation records newer than the checkpoint."""
-        last = (0, -1) if state is None else (state["stage"], 10**9 if state["stage_done"] else state["generation"])
-        for name, keep in (("generations.jsonl", lambda r: (r["stage"], r["generation"]) <= last),
-                           ("evaluations.jsonl", lambda r: True)):
-            path = self.run_dir / name
-            if path.exists():
-                records = [r for r in read_jsonl(path) if keep(r)]
-                write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-
     def _genome_from_json(self, d: dict) -> Genome:
         g = Genome(values=d["values"], id=d["id"], parents=d["parents"], ops=d["ops"], born=tuple(d["born"]),
                    fitness=self.evolution.fitness_class())
         if d.get("fitness") is not None:
             g.fitness.values = tuple(float("inf") if v is None else v for v in d["fitness"])
         return g
-
-    def _adapter_path(self, k: int, genome_id: str) -> Path:
-        return self.run_dir / "adapters" / f"stage-{k}" / f"{genome_id}.safetensors"
-
-    def _prune_adapters(self, k: int, keep: set[str]) -> None:
-        for path in (self.run_dir / "adapters" / f"stage-{k}").glob("*.safetensors"):
-            if path.stem not in keep:
-                path.unlink()
 
     def _save_model(self, k: int) -> None:
         """Write to a temporary folder, then swap it in: a kill never leaves half a model."""
@@ -481,13 +448,6 @@ class ContinualRun:
 
 def _genome_state(g: Genome) -> dict:
     return g.to_json() | {"fitness": list(g.fitness.values) if g.fitness.valid else None}
-
-
-def _save_atomic(arrays: dict[str, np.ndarray], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(arrays, str(tmp))
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:

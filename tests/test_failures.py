@@ -1,7 +1,6 @@
 """Failures are data: evaluations that raise or diverge, workers that die, configs that are wrong."""
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import psutil
