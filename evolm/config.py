@@ -289,11 +289,12 @@ class ExperimentConfig(Section):
 
 def resume_differences(old: dict, new: dict) -> list[str]:
     """Fields of ``new`` that a resumed run cannot accept: anything but more generations, stages
-    appended at the end, and where / how wide the evaluations run (``ray``)."""
+    appended at the end, where / how wide the evaluations run (``ray``) and what is only observed
+    or kept on disk (tracking, sample prompts, checkpoint pruning)."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if key in ("ray", "output_dir") or a == b:
+        if key in ("ray", "output_dir", "tracking", "prompts", "sample_max_new_tokens", "checkpoint") or a == b:
             continue
         if key == "stages" and isinstance(a, list) and isinstance(b, list) and b[: len(a)] == a:
             continue

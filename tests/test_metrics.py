@@ -52,7 +52,7 @@ def test_summarize_writes_every_metric():
     assert s["final_perplexity"]["a"] == pytest.approx(math.exp(2.8))
     assert s["forgetting"] == pytest.approx({"general": 0.6, "a": 0.0, "b": 1.0, "c": 0.0})
     assert s["mean_forgetting"] == pytest.approx(0.5)  # stages a and b; c is the last
-    assert s["backward_transfer"] == pytest.approx(-1.4 / 3)
+    assert s["backward_transfer"] == pytest.approx((0.2 - 1.0) / 2)  # stages a and b, as DESIGN.md defines BWT
     assert s["forward_transfer"] == pytest.approx({"general": None, "a": 0.0, "b": 0.5, "c": 1.0})
     assert s["mean_forward_transfer"] == pytest.approx(0.75)  # stages b and c; a's is 0 by definition
 
@@ -62,7 +62,7 @@ def test_summarize_of_an_unfinished_run_leaves_unreached_stages_out():
     s = summarize(partial)
     assert s["learned_at"] == [0, 1, None]
     assert s["forgetting"] == pytest.approx({"general": 0.5, "a": 0.0, "b": None})
-    assert s["backward_transfer"] == pytest.approx(2.0 - 2.5)
+    assert s["backward_transfer"] is None  # only one stage learned: no earlier stage to transfer to
     assert s["mean_forgetting"] is None and s["mean_forward_transfer"] is None
 
 
