@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from evolm.errors import EvolmError, RunDirError
+from evolm.genome import genome_text
 
 EXIT_USER_ERROR = 2
 
@@ -227,23 +228,10 @@ def stage_table(summaries: list[dict]) -> str:
     for s in summaries:
         w = s["winner"]
         rows.append((f"{s['stage']} {s['name']}", f"{s['start_loss']:.4f} -> {s['end_loss']:.4f}",
-                     w["id"], _genome_text(w["values"])))
+                     w["id"], genome_text(w["values"])))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
-
-
-def _genome_text(values: dict) -> str:
-    parts = []
-    for k, v in values.items():
-        if k == "layers":
-            v = "".join("1" if on else "0" for on in v)
-        elif isinstance(v, float):
-            v = f"{v:.3g}"
-        elif isinstance(v, list):
-            v = "+".join(map(str, v))
-        parts.append(f"{k}={v}")
-    return " ".join(parts)
 
 
 class ConsoleReporter:

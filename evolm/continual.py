@@ -295,6 +295,7 @@ class ContinualRun:
                       for m in methods]
         method, self.base = candidates[0] if len(candidates) == 1 else self._best_merge(candidates, blocks)
         self._save_model(k)
+        write_samples(self.run_dir, self.base, self.tokenizer, self.config, k, domain.name)
         self.loss_matrix = self.loss_matrix[:k] + [self._test_losses(self.base)]
         self._write_loss_matrix()
         col, winner = self.n_base_domains + k - 1, chosen[0]

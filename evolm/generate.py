@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from evolm.checkpoint import append_jsonl
+from evolm.checkpoint import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,16 @@ def prompt_seed(run_seed: int, index: int) -> int:
 
 def write_samples(run_dir: Path, model, tokenizer, config, stage: int, stage_name: str) -> list[dict]:
     """Sample every ``config.prompts`` from ``model`` and append them to ``run_dir/samples.jsonl``."""
+    path = Path(run_dir) / "samples.jsonl"
+    done = {(r["stage"], r["prompt"]) for r in read_jsonl(path)}  # a resumed run samples a stage once
     records = []
     for i, prompt in enumerate(config.prompts):
+        if (stage, prompt) in done:
+            continue
         text = generate_text(model, tokenizer, prompt, max_new_tokens=config.sample_max_new_tokens,
                              seed=prompt_seed(config.seed, i))
         record = {"stage": stage, "stage_name": stage_name, "prompt": prompt, "text": text}
-        append_jsonl(Path(run_dir) / "samples.jsonl", record)
+        append_jsonl(path, record)
         records.append(record)
     if records:
         log.info("stage %s: %d samples written to samples.jsonl", stage, len(records))

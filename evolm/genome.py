@@ -37,6 +37,20 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def genome_text(values: dict[str, Any] | None) -> str:
+    """One line for people: ``r=8 layers=1101 learning_rate=0.00269 target_modules=c_attn+c_proj``."""
+    parts = []
+    for k, v in (values or {}).items():
+        if isinstance(v, list) and v and all(isinstance(b, bool) for b in v):
+            v = "".join("1" if b else "0" for b in v)
+        elif isinstance(v, float):
+            v = f"{v:.3g}"
+        elif isinstance(v, list):
+            v = "+".join(map(str, v))
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
 def make_id(run_seed: int, stage: int, generation: int, index: int) -> str:
     """Ids are a hash of the genome's birth place, so they are stable across runs and resumes."""
     digest = hashlib.sha256(f"{run_seed}:{stage}:{generation}:{index}".encode()).hexdigest()

@@ -279,13 +279,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(run: RunRecords, stage: int, out: Path) -> Plot | None:
-    """Only for runs whose evaluations carry two or more objectives (the first two are drawn)."""
-    evals = [e for e in run.evaluated() if e.get("stage") == stage and e.get("status") == "ok"
-             and len(e.get("objectives") or {}) >= 2]
-    if not evals:
+    """Only for runs that search two or more objectives (the first two are drawn)."""
+    names = list((run.config.get("search") or {}).get("objectives") or ["val_loss"])[:2]
+    evals = [e for e in run.evaluated() if e.get("stage") == stage and e.get("status") == "ok"]
+    if len(names) < 2 or not evals:
         return None
-    objectives = list(evals[0]["objectives"])
-    names = ((["val_loss"] if "val_loss" in objectives else []) + sorted(o for o in objectives if o != "val_loss"))[:2]
     points = [(float(e["objectives"][names[0]]), float(e["objectives"][names[1]])) for e in evals
               if all(isinstance(e["objectives"].get(n), (int, float)) for n in names)]
     front = pareto_front(points)

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from evolm.checkpoint import write_atomic
+from evolm.genome import genome_text
 from evolm.plots import plot_run
 from evolm.metrics import backward_transfer, forgetting, perplexity
 from evolm.rundir import RunRecords, load_run, val_loss
@@ -62,19 +63,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _td(value, cls: str = "") -> str:
     return f"<td class=\"{cls}\">{_e(value)}</td>" if cls else f"<td>{_e(value)}</td>"
-
-
-def genome_text(values: dict) -> str:
-    parts = []
-    for k, v in (values or {}).items():
-        if isinstance(v, list) and all(isinstance(b, bool) for b in v):
-            v = "".join("1" if b else "0" for b in v)
-        elif isinstance(v, float):
-            v = f"{v:.3g}"
-        elif isinstance(v, list):
-            v = "+".join(map(str, v))
-        parts.append(f"{k}={v}")
-    return " ".join(parts)
 
 
 # ----- sections ---------------------------------------------------------------------------------
