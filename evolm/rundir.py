@@ -77,7 +77,8 @@ class RunRecords:
         if lm is None:
             return []
         if lm.get("learned_at") and len(lm["learned_at"]) == len(lm["columns"]):
-            return list(lm["learned_at"])
+            n = len(lm["matrix"]) - 1  # a row not written (yet) has learned nothing
+            return [k if isinstance(k, int) and 0 <= k <= n else None for k in lm["learned_at"]]
         rows = {name: i for i, name in enumerate(lm["rows"]) if i > 0}
         if not stages:
             return infer_learned_at(lm["columns"], lm["rows"])
