@@ -170,7 +170,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from evolm.checkpoint import write_json
     from evolm.config import load_config, parse_config, resume_differences
     from evolm.status import open_run_dir
 
@@ -182,8 +181,7 @@ def cmd_resume(args) -> int:
         if refused:
             raise EvolmError(f"{args.experiment} differs from the run's experiment in {', '.join(refused)}; "
                              f"a resumed run may only add generations or append stages (start a new run instead)")
-        config = new
-        write_json(args.run_dir / "experiment.json", config.model_dump(mode="json"))
+        config = new  # ContinualRun.resume records it once the extended data has been read
     overrides = _execution_overrides(args)
     if overrides:
         config = config.model_copy(update={"ray": config.ray.model_copy(update={"num_workers": args.workers})})

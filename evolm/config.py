@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -223,6 +222,8 @@ class MergeConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.weights is not None and any(not w > 0 for w in self.weights):
+            raise ValueError(f"weights must all be > 0 (got {self.weights})")
         if self.weights is not None and len(self.weights) != self.top_k:
             raise ValueError(f"weights has {len(self.weights)} values but top_k is {self.top_k}; give one weight per genome")
         return self
@@ -424,7 +425,3 @@ def default_target_modules(family: str) -> list[str]:
         raise ConfigError(f"training.target_modules: no default for model type '{family}'; "
                           f"list the module names to adapt (e.g. [q_proj, v_proj])")
     return TARGET_MODULES[family][0]
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -171,6 +171,7 @@ class ContinualRun:
         self.base, self.tokenizer = load_model(str(self.run_dir / state["base_model"]))
         self.base.eval()
         self._tokenize(pretrain_docs, stage_docs)
+        write_json(self.run_dir / "experiment.json", self.config.model_dump(mode="json"))  # an extension, checked
         self._write_run_info()
         self._setup_search()
         self.loss_matrix, self.summaries = state["loss_matrix"], state["summaries"]
@@ -227,7 +228,9 @@ class ContinualRun:
         if state is not None:
             self.evolution.rng.setstate(_list_to_tuple(state["evolution_rng"]))
             restore_global_rng(state)
-            population = [self._genome_from_json(d) for d in state["population"]]
+            # One object per id: a genome that stands in the population several times stays one genome.
+            by_id = {d["id"]: self._genome_from_json(d) for d in state["population"]}
+            population = [by_id[d["id"]] for d in state["population"]]
             if state["stage_done"]:
                 first_stage = state["stage"] + 1
             else:
@@ -252,13 +255,15 @@ class ContinualRun:
         blocks = {s: domain.blocks[s] for s in ("train", "validation")}
         if len(self.replay):
             blocks["replay"] = self.replay.blocks()
-        if "retention_loss" in self.objectives or self.config.search.winner.rule != "min_first":
+        self.base_retention = 0.0  # no earlier domain (stage 1 without pretraining): nothing to forget
+        if k + self.n_base_domains > 1 and ("retention_loss" in self.objectives
+                                            or self.config.search.winner.rule != "min_first"):
             blocks["retention"] = self._retention_blocks(k)
             self.base_retention = self._eval(self.base, blocks["retention"])
         self.executor.set_stage(StagePayload(f"{self.run_dir.resolve()}/stage-{k}", ModelPayload.of(self.base),
                                              blocks, self.training))
         evo = self.evolution
-        hof = evo.hall_of_fame() if len(self.objectives) == 1 else evo.pareto_archive()
+        hof = evo.hall_of_fame(max(10, self.config.merge.top_k)) if len(self.objectives) == 1 else evo.pareto_archive()
         if hof_items:
             hof.update([self._genome_from_json(d) for d in hof_items])
         if first_gen == 0:
@@ -287,11 +292,15 @@ class ContinualRun:
             raise EvolmError(f"stage '{domain.name}': every evaluation failed (first error: {errors[:1]}); "
                              f"see evaluations.jsonl")
         chosen = ranked[: mc.top_k]
+        weights = mc.weights
+        if weights is not None and len(chosen) < len(weights):  # fewer finished genomes than top_k
+            weights = [w / sum(weights[: len(chosen)]) for w in weights[: len(chosen)]]
+            self.reporter.message(f"stage '{domain.name}': only {len(chosen)} genomes to merge; weights {weights}")
         sources = [search.ledger.cache[g.key()]["genome_id"] for g in chosen]
         winners = [(hyperparameters(g.values, self.training), search.ledger.load_adapter(src))
                    for g, src in zip(chosen, sources)]
         methods = ["best", "task_arithmetic", "ties", "dare"] if mc.method == "auto" else [mc.method]
-        candidates = [(m, merge_winners(self.base, winners, m, mc.weights, mc.density, self.config.seed + k))
+        candidates = [(m, merge_winners(self.base, winners, m, weights, mc.density, self.config.seed + k))
                       for m in methods]
         method, self.base = candidates[0] if len(candidates) == 1 else self._best_merge(candidates, blocks)
         self._save_model(k)
@@ -302,7 +311,8 @@ class ContinualRun:
         summary = {"stage": k, "name": domain.name, "start_loss": self.loss_matrix[k - 1][col],
                    "end_loss": self.loss_matrix[k][col], "winner": winner.to_json() | {"result_of": sources[0]},
                    "winner_objectives": dict(zip(self.objectives, winner.fitness.values)),
-                   "winner_val_loss": winner.fitness.values[0], "merge_method": method, "merged": sources,
+                   "winner_val_loss": dict(zip(self.objectives, winner.fitness.values)).get("val_loss"),
+                   "merge_method": method, "merged": sources,
                    "evaluations": search.ledger.trained, "hall_of_fame": [g.id for g in hof],
                    "seconds": time.perf_counter() - start}
         self.summaries = self.summaries[: k - 1] + [summary]
@@ -323,7 +333,10 @@ class ContinualRun:
             g.fitness.values = tuple(values[o] for o in self.objectives)
             scored.append((g, (method, model)))
         rule = self._winner_rule() if "retention" in blocks else {"rule": "min_first"}
-        best = rank_by_rule([g for g, _ in scored], self.objectives, rule)[0]
+        ranked = rank_by_rule([g for g, _ in scored], self.objectives, rule)
+        if not ranked:
+            raise EvolmError("merge.method auto: every candidate merge gave a non-finite validation loss")
+        best = ranked[0]
         method, model = next(c for g, c in scored if g is best)
         self.reporter.message(f"auto merge: {method} chosen among {', '.join(m for m, _ in candidates)}")
         return method, model
@@ -370,7 +383,8 @@ class ContinualRun:
 
     def _assign(self, search: StageSearch, gen: int, genomes: list[Genome], result: dict, write: bool = True) -> None:
         ok = result["status"] == "ok"
-        values = tuple(result["objectives"][o] if ok else float("inf") for o in self.objectives)
+        values = tuple((result["objectives"].get(o, 0.0) if o == "retention_loss" else result["objectives"][o])
+                       if ok else float("inf") for o in self.objectives)
         for g in genomes:
             g.fitness.values = values
             if not write:

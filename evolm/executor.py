@@ -149,15 +149,24 @@ class RayExecutor:
                 raise ClusterError(f"lost the Ray cluster: {exc}; resume the run when it is back") from None
             for ref in done:
                 actor, request = running.pop(ref)
-                idle.append(actor)
-                on_result(self._result(ref, request))
+                result = self._result(ref, request)
+                on_result(result)
+                if not (result.get("error") or "").startswith("worker died"):
+                    idle.append(actor)
+                    continue
+                self.actors.remove(actor)  # out of restarts: give it no more work
+                if not self.actors:
+                    raise ClusterError("every Ray worker died (see evaluations.jsonl); resume the run "
+                                       "once the cause (memory, a lost node) is fixed")
 
     def _result(self, ref, request: EvalRequest) -> dict:
         ray = self.ray
         try:
             return ray.get(ref)
-        except ray.exceptions.RayActorError as exc:  # the worker died more often than max_retries
-            return {"status": "failed", "error": f"worker died: {str(exc).splitlines()[0]}", "objectives": {},
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            # the worker died more often than max_retries, or failed outside the evaluation (loading the stage)
+            what = "worker died" if isinstance(exc, ray.exceptions.RayActorError) else "worker failed"
+            return {"status": "failed", "error": f"{what}: {str(exc).splitlines()[0]}", "objectives": {},
                     "adapter": None, "genome_id": request.genome_id, "seconds": 0.0, "worker": None}
 
     def close(self) -> None:

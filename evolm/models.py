@@ -63,7 +63,8 @@ def load_model(name_or_path: str):
         raise ModelError(f"model.name_or_path: {local} is not a model directory (no config.json); "
                          f"give a directory saved with save_pretrained or a hub id")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path)
+        # float32: the CPU merges, test losses and numpy payloads need it (hub checkpoints are often bf16)
+        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
     except (OSError, ValueError) as exc:
         hint = " (HF_HUB_OFFLINE is set: use a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""

@@ -71,3 +71,16 @@ def test_replay_ratio_changes_training(corpora, tmp_path):
     with_replay = evaluate_genome(base, blocks, hp, 1, training, torch.device("cpu"))
     without = evaluate_genome(base, blocks, hp | {"replay_ratio": 0.0}, 1, training, torch.device("cpu"))
     assert any(not np.array_equal(with_replay["adapter"][k], without["adapter"][k]) for k in without["adapter"])
+
+
+def test_retention_without_a_base_domain_starts_at_zero(corpora, tmp_path):
+    """Stage 1 of a model without pretraining has nothing to forget: retention_loss is 0 there."""
+    raw = tiny_experiment(corpora, tmp_path)
+    del raw["model"]["pretrain"]
+    raw["search"].update(objectives=["val_loss", "retention_loss"], generations=0,
+                         winner={"rule": "min_val_loss_within_retention", "epsilon": 0.1})
+    summaries = ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()
+    assert summaries[0]["winner_objectives"]["retention_loss"] == 0.0
+    assert summaries[1]["winner_objectives"]["retention_loss"] > 0.0
+    evals = read_jsonl(tmp_path / "run" / "evaluations.jsonl")
+    assert all(e["status"] == "ok" for e in evals)
