@@ -90,18 +90,18 @@ class Evolution:
     """Variation and selection for one run; ``rng`` state is part of the run's checkpoint."""
 
     def __init__(self, space: dict[str, Any], search: SearchConfig, run_seed: int, n_objectives: int = 1):
-        self.space, self.search, self.run_seed = space, search, run_seed
+        if n_objectives < 1:
+            raise ValueError(f"n_objectives must be >= 1. Current value: {n_objectives}")
+        self.space, self.search, self.run_seed, self.n_objectives = space, search, run_seed, n_objectives
         self.rng = random.Random(run_seed)
         # Minimise every objective; the class lives only as long as this run.
         self.fitness_class = type("Fitness", (base.Fitness,), {"weights": (-1.0,) * n_objectives})
         self.toolbox = base.Toolbox()
         self.toolbox.register("mate", cx_uniform, space=space, rng=self.rng)
         self.toolbox.register("mutate", mut_typed, space=space, rng=self.rng)
-        self.toolbox.register("select", sel_tournament, tournsize=search.tournament_size, rng=self.rng)
-        if n_objectives < 1:
-            raise ValueError(f"n_objectives must be >= 1. Current value: {n_objectives}")
-        self.n_objectives = n_objectives
-        if n_objectives > 1:  # NSGA-II parents: binary tournaments on (rank, crowding distance)
+        if n_objectives == 1:
+            self.toolbox.register("select", sel_tournament, tournsize=search.tournament_size, rng=self.rng)
+        else:  # NSGA-II parents: binary tournaments on (rank, crowding distance)
             self.toolbox.register("select", sel_tournament_crowded, rng=self.rng)
 
     def genome(self, values: dict, stage: int, generation: int, index: int, parents=(), ops=()) -> Genome:
