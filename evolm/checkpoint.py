@@ -93,7 +93,7 @@ def save_checkpoint(run_dir: Path, tag: str, state: dict, keep_last: int) -> Pat
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(exist_ok=True)
     np_state = np.random.get_state()
-    state = dict(state, global_rng={"python": _tuple_to_list(random.getstate()),
+    state = dict(state, global_rng={"python": tuples_to_lists(random.getstate()),
                                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})
     rng_tmp = folder / f".{tag}.rng.safetensors.tmp"
     save_file({"torch": torch.get_rng_state()}, str(rng_tmp))
@@ -148,7 +148,7 @@ def restore_global_rng(state: dict) -> None:
     import torch
 
     g = state["global_rng"]
-    random.setstate(_list_to_tuple(g["python"]))
+    random.setstate(lists_to_tuples(g["python"]))
     np.random.set_state((g["numpy"][0], np.array(g["numpy"][1], dtype=np.uint32), *g["numpy"][2:]))
     torch.set_rng_state(state["torch_rng"])
 
@@ -162,9 +162,11 @@ def prune_checkpoints(folder: Path, keep_last: int) -> None:
                 (folder / f"{tag}{suffix}").unlink(missing_ok=True)
 
 
-def _tuple_to_list(obj):
-    return [_tuple_to_list(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+def tuples_to_lists(obj):
+    """An RNG state (nested tuples) as JSON-able lists."""
+    return [tuples_to_lists(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
 
 
-def _list_to_tuple(obj):
-    return tuple(_list_to_tuple(x) for x in obj) if isinstance(obj, list) else obj
+def lists_to_tuples(obj):
+    """The inverse of ``tuples_to_lists``: what ``random.Random.setstate`` takes."""
+    return tuple(lists_to_tuples(x) for x in obj) if isinstance(obj, list) else obj

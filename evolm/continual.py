@@ -28,7 +28,7 @@ import yaml
 
 from evolm import __version__
 from evolm import data as stage_data
-from evolm.checkpoint import (_list_to_tuple, _tuple_to_list, append_jsonl, checkpoint_tag, latest_checkpoint,
+from evolm.checkpoint import (lists_to_tuples, tuples_to_lists, append_jsonl, checkpoint_tag, latest_checkpoint,
                               restore_global_rng, save_checkpoint, write_atomic, write_json)
 from evolm.config import ExperimentConfig, default_target_modules, resolve_space
 from evolm.errors import EvolmError, RunDirError
@@ -95,7 +95,11 @@ class ContinualRun:
     # ----- entry points -------------------------------------------------------------------
     def run(self) -> list[dict]:
         """A new run in an empty (or new) run directory."""
-        return self._with_fixed_threads(lambda: self._loop(self._start_fresh()))
+        def go():
+            self._start_fresh()
+            return self._loop(None)
+
+        return self._with_fixed_threads(go)
 
     def resume(self) -> list[dict]:
         """Continue from the newest whole checkpoint; earlier corrupt ones are reported and skipped."""
@@ -106,7 +110,8 @@ class ContinualRun:
             if state is None:
                 self.reporter.message("no checkpoint yet: starting the run again from the beginning "
                                       "(finished evaluations are taken from the ledger)")
-                return self._loop(self._start_fresh(resuming=True))
+                self._start_fresh(resuming=True)
+                return self._loop(None)
             self.reporter.message(f"resuming from checkpoint {state['tag']}")
             self._start_resumed(state)
             return self._loop(state)
@@ -163,7 +168,6 @@ class ContinualRun:
         write_samples(self.run_dir, self.base, self.tokenizer, cfg, 0, "base")
         self.loss_matrix, self.summaries = [self._test_losses(self.base)], []
         self._write_loss_matrix()
-        return None
 
     def _start_resumed(self, state: dict) -> None:
         pretrain_docs, stage_docs = self._read_data()
@@ -178,8 +182,7 @@ class ContinualRun:
         for i, row in enumerate(self.loss_matrix):  # stages were appended: measure earlier models on them
             if len(row) < len(self.domains):
                 model, _ = load_model(str(self.run_dir / "models" / f"stage-{i}"))
-                row += [evaluate(model, d.blocks["test"], self.training["eval_batch_size"], None)
-                        for d in self.domains[len(row):]]
+                row += self._test_losses(model, self.domains[len(row):])
 
     def _setup_search(self) -> None:
         cfg = self.config
@@ -210,8 +213,9 @@ class ContinualRun:
     def _write_run_info(self) -> None:
         info_path = self.run_dir / "run.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {"created": time.time()}
+        recorded = info.get("data", {})  # digests of the run's start win; only new files are hashed
         info.update(evolm_version=__version__, pid=os.getpid(), host=socket.gethostname(), started=time.time(),
-                    data={str(p): _sha256(p) for p in self._data_files()} | info.get("data", {}))
+                    data={str(p): _sha256(p) for p in self._data_files() if str(p) not in recorded} | recorded)
         write_json(info_path, info)
 
     def _check_data_unchanged(self) -> None:
@@ -226,7 +230,7 @@ class ContinualRun:
         self.session_start, self.elapsed_before = time.time(), (state or {}).get("elapsed", 0.0)
         population, first_stage, first_gen, hof_items = None, 1, 0, None
         if state is not None:
-            self.evolution.rng.setstate(_list_to_tuple(state["evolution_rng"]))
+            self.evolution.rng.setstate(lists_to_tuples(state["evolution_rng"]))
             restore_global_rng(state)
             # One object per id: a genome that stands in the population several times stays one genome.
             by_id = {d["id"]: self._genome_from_json(d) for d in state["population"]}
@@ -406,7 +410,7 @@ class ContinualRun:
     def _checkpoint(self, k: int, gen: int | None, population: list[Genome], hof) -> None:
         state = {"stage": k, "generation": gen, "stage_done": gen is None,
                  "population": [_genome_state(g) for g in population], "hall_of_fame": [_genome_state(g) for g in hof],
-                 "evolution_rng": _tuple_to_list(self.evolution.rng.getstate()),
+                 "evolution_rng": tuples_to_lists(self.evolution.rng.getstate()),
                  "loss_matrix": self.loss_matrix, "summaries": self.summaries, "config_hash": self.config.hash(),
                  "base_model": f"models/stage-{k if gen is None else k - 1}",
                  "elapsed": self.elapsed_before + time.time() - self.session_start}
@@ -448,8 +452,10 @@ class ContinualRun:
         for d in learned:
             self.replay.add(d.name, d.blocks["train"])
 
-    def _test_losses(self, model) -> list[float]:
-        return [evaluate(model, d.blocks["test"], self.training["eval_batch_size"], None) for d in self.domains]
+    def _test_losses(self, model, domains: list[Domain] | None = None) -> list[float]:
+        """Test loss on every domain (or the given ones), never capped: the loss matrix is the record."""
+        return [evaluate(model, d.blocks["test"], self.training["eval_batch_size"], None)
+                for d in (self.domains if domains is None else domains)]
 
     def _write_loss_matrix(self) -> None:
         names = [d.name for d in self.domains]
