@@ -32,9 +32,10 @@ class Plot:
     data: dict
 
 
-def plot_run(run_dir: str | Path) -> dict[str, Plot]:
-    """Write every figure the run's files allow into RUN_DIR/plots/; name -> Plot."""
-    run = load_run(run_dir)
+def plot_run(run: RunRecords | str | Path) -> dict[str, Plot]:
+    """Write every figure the run's files allow into RUN_DIR/plots/; name -> Plot.
+    Takes the run directory, or its records already read (the report reads them once)."""
+    run = run if isinstance(run, RunRecords) else load_run(run)
     out = run.path / "plots"
     out.mkdir(exist_ok=True)
     plots = {"fitness": plot_fitness(run, out), "genes": plot_genes(run, out),

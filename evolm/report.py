@@ -36,7 +36,7 @@ pre{white-space:pre-wrap;margin:0} img{max-width:100%;border:1px solid #eee;marg
 def write_report(run_dir: str | Path) -> Path:
     """(Re)draw the plots and write RUN_DIR/report.html; returns its path."""
     run = load_run(run_dir)
-    plots = plot_run(run.path)
+    plots = plot_run(run)
     sections = [_experiment(run), _stages(run), _figures(run, plots), _loss_matrix(run), _top_genomes(run),
                 _failures(run), _samples(run), _time(run)]
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
