@@ -177,7 +177,8 @@ def cmd_resume(args) -> int:
     config = parse_config(saved, source=str(args.run_dir / "experiment.json"))
     if args.experiment is not None:
         new = load_config(args.experiment)
-        refused = resume_differences(saved, new.model_dump(mode="json"))
+        # the parsed config, not the raw file: fields added to evolm since the run began take their defaults
+        refused = resume_differences(config.model_dump(mode="json"), new.model_dump(mode="json"))
         if refused:
             raise EvolmError(f"{args.experiment} differs from the run's experiment in {', '.join(refused)}; "
                              f"a resumed run may only add generations or append stages (start a new run instead)")

@@ -149,6 +149,17 @@ class WinnerConfig(Section):
     epsilon: float = Field(default=0.05, ge=0)
 
 
+class HalvingConfig(Section):
+    """Successive halving within a generation: every new genome first trains a share of its
+    ``max_steps``; only the best continue, from where they paused, to the full budget."""
+
+    rungs: int = Field(default=1, ge=1, le=6)
+    """Budget levels; 1 turns halving off. With 3 rungs and reduction_factor 3 genomes train 1/9,
+    then 1/3, then all of their max_steps."""
+    reduction_factor: float = Field(default=3, gt=1)
+    """Each rung promotes the best 1/reduction_factor of its genomes (at least one)."""
+
+
 class SearchConfig(Section):
     objectives: list[Literal["val_loss", "retention_loss", "adapter_params"]] = Field(default=["val_loss"], min_length=1)
     """What evolution minimises: one objective -> (mu + lambda); several -> NSGA-II. retention_loss is the
@@ -168,6 +179,10 @@ class SearchConfig(Section):
     mutation_prob: float = Field(default=0.5, ge=0, le=1)
     space: dict[str, Gene | None] = Field(default_factory=dict)
     """Genes added to, or replacing, the default space; ``null`` removes a default gene."""
+    halving: HalvingConfig = Field(default_factory=HalvingConfig)
+    inherit_weights: bool = False
+    """A child starts from its best parent's trained adapter (resized by SVD when ranks differ)
+    instead of a fresh one; only the steps it trains itself are counted."""
 
     @model_validator(mode="after")
     def _check(self):

@@ -33,9 +33,10 @@ from evolm.checkpoint import (lists_to_tuples, tuples_to_lists, append_jsonl, ch
 from evolm.config import ExperimentConfig, default_target_modules, resolve_space
 from evolm.errors import EvolmError, RunDirError
 from evolm.evolution import Evolution, fitness_summary, rank_by_rule
-from evolm.executor import EvalRequest, StagePayload
+from evolm.evaluation import GenerationEvaluator
+from evolm.executor import StagePayload
 from evolm.generate import write_samples
-from evolm.genome import Genome, evaluation_seed, hyperparameters
+from evolm.genome import Genome, hyperparameters
 from evolm.ledger import StageLedger, repair_logs
 from evolm.merge import merge_winners
 from evolm.metrics import summarize
@@ -75,11 +76,12 @@ class Domain:
 
 @dataclass
 class StageSearch:
-    """One stage's search: its domain and its ledger of finished evaluations."""
+    """One stage's search: its domain, its ledger of finished evaluations and who fills it."""
 
     index: int
     domain: Domain
     ledger: StageLedger
+    evaluator: GenerationEvaluator
 
 
 class ContinualRun:
@@ -255,7 +257,11 @@ class ContinualRun:
     def run_stage(self, k: int, population: list[Genome] | None, first_gen: int, hof_items) -> list[Genome]:
         start = time.perf_counter()
         domain = self.domains[self.n_base_domains + k - 1]
-        search = StageSearch(k, domain, StageLedger.read(self.run_dir, k))
+        ledger = StageLedger.read(self.run_dir, k)
+        sc = self.config.search
+        search = StageSearch(k, domain, ledger, GenerationEvaluator(
+            self.run_dir, k, domain.name, ledger, self.executor, self.reporter, self.objectives, self.training,
+            self.config.seed, sc.halving, sc.inherit_weights))
         blocks = {s: domain.blocks[s] for s in ("train", "validation")}
         if len(self.replay):
             blocks["replay"] = self.replay.blocks()
@@ -317,7 +323,7 @@ class ContinualRun:
                    "winner_objectives": dict(zip(self.objectives, winner.fitness.values)),
                    "winner_val_loss": dict(zip(self.objectives, winner.fitness.values)).get("val_loss"),
                    "merge_method": method, "merged": sources,
-                   "evaluations": search.ledger.trained, "hall_of_fame": [g.id for g in hof],
+                   "evaluations": search.ledger.trained, "steps": search.ledger.steps, "hall_of_fame": [g.id for g in hof],
                    "seconds": time.perf_counter() - start}
         self.summaries = self.summaries[: k - 1] + [summary]
         self.reporter.stage_end(summary)
@@ -350,7 +356,7 @@ class ContinualRun:
         # Tournaments pick with replacement, so one genome may stand in a population several times.
         todo = list({g.id: g for g in new if not g.fitness.valid}.values())
         self.reporter.generation_start(search.index, gen, len(todo))
-        self._evaluate(search, gen, todo)
+        search.evaluator.evaluate(gen, todo)
         hof.update(everyone)
         record = {"stage": search.index, "stage_name": search.domain.name, "generation": gen,
                   **fitness_summary(everyone), "evaluations": len(todo),
@@ -358,53 +364,6 @@ class ContinualRun:
                   "seconds": time.perf_counter() - start, "population": [g.id for g in everyone]}
         append_jsonl(self.run_dir / "generations.jsonl", record)
         self.reporter.generation_end(record)
-
-    def _evaluate(self, search: StageSearch, gen: int, todo: list[Genome]) -> None:
-        """Fitness for ``todo``: from the ledger (finished before a resume), from the cache (a twin
-        was trained on this stage already), or from a new evaluation."""
-        waiting: dict[str, list[Genome]] = {}
-        for g in todo:
-            done = search.ledger.records.get((gen, g.id))
-            if done is not None and done["values"] == g.values:
-                self._assign(search, gen, [g], search.ledger.cache[g.key()], write=False)
-            else:
-                waiting.setdefault(g.key(), []).append(g)
-        requests = [EvalRequest(gs[0].id, hyperparameters(gs[0].values, self.training),
-                                evaluation_seed(self.config.seed, search.index, gs[0].id))
-                    for key, gs in waiting.items() if key not in search.ledger.cache]
-
-        def on_result(result: dict) -> None:
-            key = next(k for k, gs in waiting.items() if gs[0].id == result["genome_id"])
-            if result["status"] == "ok":  # the adapter is on disk before the ledger says "done"
-                search.ledger.save_adapter(result["genome_id"], result.pop("adapter"))
-            search.ledger.cache[key] = result
-            search.ledger.trained += 1
-            self._assign(search, gen, waiting.pop(key), result)
-
-        self.executor.map(requests, on_result)
-        for key, genomes in waiting.items():  # genomes whose twin was evaluated earlier
-            self._assign(search, gen, genomes, search.ledger.cache[key])
-
-    def _assign(self, search: StageSearch, gen: int, genomes: list[Genome], result: dict, write: bool = True) -> None:
-        ok = result["status"] == "ok"
-        values = tuple((result["objectives"].get(o, 0.0) if o == "retention_loss" else result["objectives"][o])
-                       if ok else float("inf") for o in self.objectives)
-        for g in genomes:
-            g.fitness.values = values
-            if not write:
-                continue
-            record = {"stage": search.index, "stage_name": search.domain.name, "generation": gen,
-                      "genome_id": g.id, "values": g.values, "parents": g.parents, "ops": g.ops,
-                      "objectives": result["objectives"] if ok else None, "status": result["status"],
-                      "error": result.get("error"), "traceback": result.get("traceback"),
-                      "curve": result.get("curve"), "adapter_params": result.get("adapter_params"),
-                      "seconds": result.get("seconds"), "train_seconds": result.get("train_seconds"),
-                      "worker": result.get("worker"), "node": result.get("node"), "cached": g.id != result["genome_id"],
-                      "result_of": result["genome_id"],
-                      "seed": evaluation_seed(self.config.seed, search.index, result["genome_id"])}
-            append_jsonl(self.run_dir / "evaluations.jsonl", record)
-            search.ledger.records[(gen, g.id)] = record
-            self.reporter.evaluation_done(record)
 
     # ----- run state on disk --------------------------------------------------------------
     def _checkpoint(self, k: int, gen: int | None, population: list[Genome], hof) -> None:

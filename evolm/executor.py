@@ -30,6 +30,12 @@ class EvalRequest:
     genome_id: str
     hp: dict
     seed: int
+    stop_at: int | None = None
+    """Pause after this many steps (a rung of successive halving); None: train ``max_steps``."""
+    resume: dict | None = None
+    """The training state a paused evaluation returned: train on from there."""
+    inherit: dict | None = None
+    """``{"adapter": arrays, "hp": parent hyperparameters}``: start from the parent's adapter."""
 
 
 @dataclass
@@ -61,11 +67,12 @@ class _StageRunner:
         start = time.perf_counter()
         try:
             result = evaluate_genome(self.model, self.stage.blocks, request.hp, request.seed,
-                                     self.stage.training, self.device)
+                                     self.stage.training, self.device, request.resume, request.stop_at,
+                                     request.inherit)
             bad = {k: v for k, v in result["objectives"].items() if not math.isfinite(v)}
             if bad:
                 what = ", ".join(f"{k}={v}" for k, v in bad.items())
-                result.update(status="failed", error=f"non-finite validation loss ({what})", adapter=None)
+                result.update(status="failed", error=f"non-finite validation loss ({what})", adapter=None, state=None)
             else:
                 result["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure of one genome is recorded, not raised

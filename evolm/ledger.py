@@ -2,12 +2,15 @@
 
 ``evaluations.jsonl`` holds one record per genome per generation; ``adapters/stage-<k>/<id>.safetensors``
 holds the adapter of each evaluation that trained. An adapter is on disk before its record is, so a
-record always means "done": a resumed run takes it instead of training again.
+record always means "done": a resumed run takes it instead of training again. With successive
+halving, ``rungs.jsonl`` and ``adapters/stage-<k>/rungs/`` hold each rung's result and paused
+training state the same way.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +31,11 @@ class StageLedger:
     """(generation, genome id) -> evaluation record."""
     cache: dict[str, dict] = field(default_factory=dict)
     """genome key -> record of the evaluation that trained it: the same genome is never trained twice."""
+    rungs: dict[tuple[int, str, int], dict] = field(default_factory=dict)
+    """(generation, genome id, rung) -> result of a successive-halving rung."""
     trained: int = 0
+    steps: int = 0
+    """Training steps spent on this stage so far (rungs included, inherited steps not)."""
 
     @classmethod
     def read(cls, run_dir: Path, k: int) -> "StageLedger":
@@ -39,33 +46,50 @@ class StageLedger:
                 if not r["cached"]:
                     ledger.cache[canonical_json(r["values"])] = r | {"genome_id": r["result_of"]}
                     ledger.trained += 1
+                    ledger.steps += r.get("steps") or 0
+        for r in read_jsonl(ledger.run_dir / "rungs.jsonl"):
+            if r["stage"] == k:
+                ledger.rungs[(r["generation"], r["genome_id"], r["rung"])] = r
         return ledger
 
     def adapter_path(self, genome_id: str) -> Path:
         return self.run_dir / "adapters" / f"stage-{self.index}" / f"{genome_id}.safetensors"
 
     def save_adapter(self, genome_id: str, arrays: dict[str, np.ndarray]) -> None:
-        path = self.adapter_path(genome_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(arrays, str(tmp))
-        os.replace(tmp, path)
+        _save_atomic(self.adapter_path(genome_id), arrays)
 
     def load_adapter(self, genome_id: str) -> dict[str, np.ndarray]:
         return load_file(str(self.adapter_path(genome_id)))
+
+    def rung_path(self, genome_id: str, rung: int) -> Path:
+        return self.adapter_path(genome_id).parent / "rungs" / f"{genome_id}.r{rung}.safetensors"
+
+    def save_rung_state(self, genome_id: str, rung: int, arrays: dict[str, np.ndarray]) -> None:
+        _save_atomic(self.rung_path(genome_id, rung), arrays)
+
+    def load_rung_state(self, genome_id: str, rung: int) -> dict[str, np.ndarray]:
+        return load_file(str(self.rung_path(genome_id, rung)))
 
     def prune_adapters(self, keep: set[str]) -> None:
         """After the merge only the merged adapters are worth their disk space."""
         for path in self.adapter_path("x").parent.glob("*.safetensors"):
             if path.stem not in keep:
                 path.unlink()
+        shutil.rmtree(self.rung_path("x", 0).parent, ignore_errors=True)
+
+
+def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(arrays, str(tmp))
+    os.replace(tmp, path)
 
 
 def repair_logs(run_dir: Path, state: dict | None) -> None:
     """Drop torn lines (a kill mid-write) and generation records newer than the checkpoint."""
     last = (0, -1) if state is None else (state["stage"], 10**9 if state["stage_done"] else state["generation"])
     for name, keep in (("generations.jsonl", lambda r: (r["stage"], r["generation"]) <= last),
-                       ("evaluations.jsonl", lambda r: True)):
+                       ("evaluations.jsonl", lambda r: True), ("rungs.jsonl", lambda r: True)):
         path = Path(run_dir) / name
         if path.exists():
             records = [r for r in read_jsonl(path) if keep(r)]

@@ -27,28 +27,39 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``steps``."""
+    return (step + 1) / (warmup + 1) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
+
+
 def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
-               replay: np.ndarray | None = None) -> dict:
+               replay: np.ndarray | None = None, resume: dict | None = None,
+               stop_at: int | None = None) -> dict:
     """AdamW with linear warmup and linear decay over ``max_steps`` random batches of ``blocks``.
 
     With ``replay`` blocks (earlier stages) and ``hp["replay_ratio"]`` > 0, that share of every
     batch comes from ``replay`` (``evolm.replay.mix_batch_indices``); otherwise nothing changes.
-    Returns a summary of the training curve; stops early when the loss stops being finite.
+    ``stop_at`` pauses after that many steps (the schedule still spans ``max_steps``) and the
+    returned curve carries ``state``: what ``resume`` needs to go on exactly as if never paused
+    (successive halving). Returns a summary of the training curve; stops early when the loss
+    stops being finite.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     steps, batch = int(hp["max_steps"]), int(hp["per_device_train_batch_size"])
+    stop = steps if stop_at is None else max(1, min(int(stop_at), steps))
     warmup = int(round(hp.get("warmup_ratio", 0.0) * steps))
-    optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp.get("weight_decay", 0.0))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    lr = hp["learning_rate"]
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=hp.get("weight_decay", 0.0))
     generator = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(blocks.astype(np.int64))
     mix = replay_mix(blocks, replay, float(hp.get("replay_ratio", 0.0)), batch, steps, seed)  # None: no replay
     if mix is not None:
         data = torch.from_numpy(mix[0].astype(np.int64))
-    losses = []
+    start, losses = 0, []
+    if resume is not None:
+        start, losses = _restore(resume, params, optimizer, generator, device)
     model.train()
-    for step in range(steps):
+    for step in range(start, stop):
         idx = torch.randint(len(data), (batch,), generator=generator) if mix is None else torch.from_numpy(mix[1][step])
         x = data[idx].to(device)
         with _autocast(device):
@@ -57,14 +68,46 @@ def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.dev
         if not math.isfinite(losses[-1]):
             break
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, hp.get("max_grad_norm", 1.0))
+        torch.nn.utils.clip_grad_norm_(list(params.values()), hp.get("max_grad_norm", 1.0))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": len(losses), "first": losses[0], "last": losses[-1], "min": min(losses),
-            "tail_mean": float(np.mean(tail))}
+    curve = {"steps": len(losses), "first": losses[0], "last": losses[-1],
+             "min": min(losses), "tail_mean": float(np.mean(tail))}
+    if len(losses) < steps and math.isfinite(losses[-1]):
+        curve["state"] = _snapshot(len(losses), losses, params, optimizer, generator)
+    return curve
+
+
+def _snapshot(step: int, losses: list[float], params: dict, optimizer, generator) -> dict[str, np.ndarray]:
+    """Everything a paused training needs, as numpy arrays (small on the wire, safetensors on disk)."""
+    state = {"step": np.array([step], dtype=np.int64), "losses": np.array(losses, dtype=np.float64),
+             "rng.batch": generator.get_state().numpy().copy(), "rng.torch": torch.get_rng_state().numpy().copy()}
+    for name, p in params.items():
+        state[f"param.{name}"] = p.detach().cpu().numpy().copy()
+        moments = optimizer.state[p]
+        state[f"exp_avg.{name}"] = moments["exp_avg"].detach().cpu().numpy().copy()
+        state[f"exp_avg_sq.{name}"] = moments["exp_avg_sq"].detach().cpu().numpy().copy()
+    return state
+
+
+def _restore(state: dict, params: dict, optimizer, generator, device) -> tuple[int, list[float]]:
+    step = int(state["step"][0])
+    missing = [n for n in params if f"param.{n}" not in state]
+    if missing:
+        raise ValueError(f"the saved training state does not match this adapter (missing {missing[0]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(torch.from_numpy(state[f"param.{name}"]))
+            optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                  "exp_avg": torch.from_numpy(state[f"exp_avg.{name}"].copy()).to(device),
+                                  "exp_avg_sq": torch.from_numpy(state[f"exp_avg_sq.{name}"].copy()).to(device)}
+    generator.set_state(torch.from_numpy(state["rng.batch"].copy()))
+    torch.set_rng_state(torch.from_numpy(state["rng.torch"].copy()))  # dropout continues its own stream
+    return step, [float(v) for v in state["losses"]]
 
 
 @torch.no_grad()
@@ -86,29 +129,49 @@ def evaluate(model, blocks: np.ndarray, batch_size: int, max_batches: int | None
 
 
 def fine_tune(base_model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
-              replay: np.ndarray | None = None):
-    """A LoRA adapter trained on a private copy of ``base_model``; returns (peft model, curve)."""
+              replay: np.ndarray | None = None, resume: dict | None = None, stop_at: int | None = None,
+              inherit: dict | None = None):
+    """A LoRA adapter trained on a private copy of ``base_model``; returns (peft model, curve).
+
+    ``inherit`` (``{"adapter": arrays, "hp": parent hyperparameters}``): start from a parent's
+    trained adapter instead of a fresh one (``evolm.inherit``); ``curve["inherited"]`` says what was
+    taken. ``resume`` / ``stop_at``: see ``train_loop``.
+    """
     from peft import get_peft_model
+
+    from evolm.inherit import inherit_adapter
 
     torch.manual_seed(seed)  # LoRA's A matrices are initialised from the global generator
     model = get_peft_model(copy.deepcopy(base_model), lora_config(hp)).to(device)
-    curve = train_loop(model, blocks, hp, seed, device, replay)
+    inherited = None
+    if inherit is not None and resume is None:  # a resumed training already holds its own weights
+        inherited = {k: v for k, v in inherit.items() if k not in ("adapter", "hp")}  # who it came from
+        inherited |= inherit_adapter(model, inherit["adapter"], inherit["hp"], hp)
+    curve = train_loop(model, blocks, hp, seed, device, replay, resume, stop_at)
+    if inherited is not None:
+        curve["inherited"] = inherited
     return model, curve
 
 
 def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: int, training: dict,
-                    device: torch.device) -> dict:
+                    device: torch.device, resume: dict | None = None, stop_at: int | None = None,
+                    inherit: dict | None = None) -> dict:
     """One evaluation: fine-tune an adapter, then measure the objectives on validation splits.
 
     The adapter's weights come back as numpy arrays (small), so the driver can merge the winner
     without training it again. ``blocks["replay"]`` (optional): earlier stages' blocks to replay;
     ``blocks["retention"]`` (optional): earlier stages' validation blocks, for ``retention_loss``.
+    With ``stop_at`` below ``max_steps`` the result is a rung of successive halving: its ``state``
+    lets a later call (``resume``) train on from there. ``steps``: steps this adapter has trained,
+    earlier rungs included (inherited training is not counted).
     """
     from peft import get_peft_model_state_dict
 
     start = time.perf_counter()
-    model, curve = fine_tune(base_model, blocks["train"], hp, seed, device, blocks.get("replay"))
+    model, curve = fine_tune(base_model, blocks["train"], hp, seed, device, blocks.get("replay"),
+                             resume, stop_at, inherit)
     trained = time.perf_counter()
+    state, inherited = curve.pop("state", None), curve.pop("inherited", None)
     measure = lambda split: (evaluate(model, blocks[split], training["eval_batch_size"], training["eval_max_batches"],  # noqa: E731
                                       device) if math.isfinite(curve["last"]) else float("nan"))
     val_loss = measure("validation")
@@ -118,4 +181,5 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
     if "retention" in blocks:  # validation blocks of every earlier stage, the base's domain included
         objectives["retention_loss"] = measure("retention")
     return {"objectives": objectives, "curve": curve, "adapter": adapter, "adapter_params": n_params,
+            "steps": curve["steps"], "state": state, "inherited": inherited,
             "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
