@@ -1,6 +1,7 @@
 """A genome's ancestry, from evaluations.jsonl: nodes, operator-labelled edges and a drawing.
 
-Each evaluation record names the genome's parents and the operators that made it, so the
+Each evaluation record names the genome's parents and the operators that made it (and the parent
+whose trained adapter it inherited, marked ``+weights`` on that edge), so the
 winner of a stage can be traced back to random genomes of generation 0 (or to the stage before,
 for a carried-over population). The drawing is a layered layout by birth (stage, generation),
 made with matplotlib alone.
@@ -38,10 +39,11 @@ def ancestry(evaluations: list[dict], genome_id: str, max_nodes: int = MAX_NODES
             break
         record = born.get(gid, {})
         ops = list(record.get("ops") or [])
+        inherited = (record.get("inherited") or {}).get("from")
         nodes[gid] = {"stage": record.get("stage"), "generation": record.get("generation"),
-                      "val_loss": best.get(gid), "ops": ops}
+                      "val_loss": best.get(gid), "ops": ops, "inherited_from": inherited}
         for parent in dict.fromkeys(record.get("parents") or []):  # a genome crossed with itself: one edge
-            edges.append([parent, gid, operator_label(ops)])
+            edges.append([parent, gid, operator_label(ops) + (" +weights" if parent == inherited else "")])
             queue.append(parent)
     edges = [e for e in edges if e[0] in nodes]
     return {"root": genome_id, "nodes": nodes, "edges": edges, "truncated": truncated}
