@@ -122,3 +122,16 @@ def test_halving_resumes_mid_generation(corpora, tmp_path):
     rung_keys = [(r["generation"], r["genome_id"], r["rung"]) for r in read_jsonl(tmp_path / "resumed" / "rungs.jsonl")]
     assert len(rung_keys) == len(set(rung_keys))  # no rung trained twice
     assert rung_keys == [(r["generation"], r["genome_id"], r["rung"]) for r in read_jsonl(tmp_path / "whole" / "rungs.jsonl")]
+
+
+def test_halving_with_inheritance_on_ray_equals_local(corpora, tmp_path, ray_session):
+    """Paused states and parent adapters travel to Ray workers and back: same records as in-process."""
+    from evolm.executor import RayExecutor
+
+    config = experiment(corpora, tmp_path, halving={"rungs": 2, "reduction_factor": 2}, inherit_weights=True)
+    run(config, tmp_path / "local")
+    run(config, tmp_path / "ray", RayExecutor(config.ray))
+    records = lambda d: sorted(json.dumps([r["generation"], r["genome_id"], r["objectives"], r["steps"], r["inherited"]])  # noqa: E731
+                               for r in read_jsonl(d / "evaluations.jsonl"))
+    assert records(tmp_path / "ray") == records(tmp_path / "local")
+    assert any(json.loads(r)[4] for r in records(tmp_path / "ray"))  # some child did inherit
