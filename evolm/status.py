@@ -52,6 +52,8 @@ def run_status(run_dir: Path) -> dict:
             "stage_name": (last_gen or {}).get("stage_name"), "generation": (last_gen or {}).get("generation"),
             "generations": search["generations"], "evaluations_done": done, "evaluations_planned": planned,
             "failed": sum(r["status"] != "ok" for r in evals), "best_val_loss": best,
+            "steps_trained": sum(r.get("steps") or 0 for r in evals if not r.get("cached")),
+            "halted": sum(1 for r in evals if r.get("halted")),
             "elapsed_seconds": elapsed, "estimated_seconds_left": left,
             "checkpoint": (state or {}).get("tag"), "warnings": warnings, "metrics": _metrics(run_dir)}
 
@@ -62,6 +64,8 @@ def format_status(s: dict) -> str:
              f"stage      {s['stage']}/{s['stages']} {s['stage_name'] or ''}  generation {gen}",
              f"evaluated  {s['evaluations_done']}/{s['evaluations_planned']} planned ({s['failed']} failed; "
              f"twins served from the cache count as done)",
+             f"trained    {s['steps_trained']} steps" + (
+                 f" ({s['halted']} genomes stopped early by successive halving)" if s["halted"] else ""),
              f"time       {_hms(s['elapsed_seconds'])} spent" + (
                  f", about {_hms(s['estimated_seconds_left'])} left" if s["estimated_seconds_left"] is not None else ""),
              f"checkpoint {s['checkpoint'] or 'none yet'}"]

@@ -12,6 +12,7 @@ from evolm.continual import ContinualRun
 from evolm.evaluation import rung_steps, survivors
 from evolm.executor import LocalExecutor
 from evolm.models import build_model
+from evolm.status import format_status, run_status
 from evolm.train import evaluate_genome
 from tests.conftest import tiny_experiment
 
@@ -106,6 +107,9 @@ def test_halving_promotes_the_best_and_counts_steps(corpora, tmp_path):
     assert summary["steps"] == sum(r["steps"] for r in trained)
     assert summary["steps"] < sum(r["values"]["max_steps"] for r in trained)
     assert not (halving_dir / "adapters" / "stage-1" / "rungs").exists()  # paused states are pruned
+    status = run_status(halving_dir)
+    assert status["steps_trained"] == summary["steps"] and status["halted"] == sum(r["halted"] for r in evals) >= 2
+    assert "stopped early by successive halving" in format_status(status)
 
 
 def test_halving_resumes_mid_generation(corpora, tmp_path):
