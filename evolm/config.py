@@ -180,6 +180,9 @@ class SearchConfig(Section):
     space: dict[str, Gene | None] = Field(default_factory=dict)
     """Genes added to, or replacing, the default space; ``null`` removes a default gene."""
     halving: HalvingConfig = Field(default_factory=HalvingConfig)
+    step_budget: int | None = Field(default=None, ge=1)
+    """Training steps a stage's search may spend: no generation starts once its evaluations have
+    trained this many (the running one finishes). None: ``generations`` alone decides."""
     inherit_weights: bool = False
     """A child starts from its best parent's trained adapter (resized by SVD when ranks differ)
     instead of a fresh one; only the steps it trains itself are counted."""

@@ -139,3 +139,10 @@ def test_halving_with_inheritance_on_ray_equals_local(corpora, tmp_path, ray_ses
                                for r in read_jsonl(d / "evaluations.jsonl"))
     assert records(tmp_path / "ray") == records(tmp_path / "local")
     assert any(json.loads(r)[4] for r in records(tmp_path / "ray"))  # some child did inherit
+
+
+def test_step_budget_ends_the_stage_search(corpora, tmp_path):
+    config = experiment(corpora, tmp_path, generations=5, step_budget=1)
+    summary = run(config, tmp_path / "budget")[0]
+    gens = {r["generation"] for r in read_jsonl(tmp_path / "budget" / "evaluations.jsonl")}
+    assert gens == {0} and summary["steps"] >= 1  # generation 0 spent the budget; no generation started after
