@@ -1,0 +1,734 @@
+"""Search: evolm against random search, Optuna TPE, a plain DEAP GA and Ray Tune ASHA, at an equal
+budget of training steps, on the same task, the same search space and the same evaluation function.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/search.py --experiment experiments/quickstart.yaml \\
+        --stage code --seeds 0 1 2 --methods evolm,evolm-halving,evolm-inherit,random,tpe,deap,asha
+
+The task: LoRA fine-tuning of one base model on one stage (``--stage``, default the experiment's first);
+a genome's score is ``evolm.train.evaluate_genome``'s ``val_loss`` on the stage's validation split, and
+the search space is evolm's own (``evolm.config.resolve_space``). The base is the experiment's model,
+built and pretrained once (``model.pretrain``, ``--pretrain-steps``) and saved to <out>/base; every
+method starts from that directory (or from ``--base DIR``).
+
+Per seed, plain ``evolm`` runs first, through its real path (``ContinualRun`` on a one-stage config,
+a run directory under <out>); the steps it trained (from its ``evaluations.jsonl``) are the budget S of
+every baseline for that seed (``--budget`` sets S instead). A baseline starts no new trial once the
+steps spent plus those of its running trials reach S; the steps each method really trained are
+recorded. Every method runs ``--workers`` evaluations at once (Ray), one torch thread each.
+
+A method's best validation loss is the lowest val_loss among its evaluations that started within S
+steps (for ASHA, any report of any trial: a partly trained adapter is one you hold). For evolm with
+successive halving (run with ``--halving-generations``) the script also reports the share of S it
+needs to reach plain evolm's best.
+
+Writes <out>/seed-<s>/<method>/ (an evolm run directory, or the Ray Tune experiment of asha) and
+<out>/search.json (every number per seed), and prints a table: median best val loss, min-max over
+seeds, median steps, evaluations, failures, seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from evolm import data as stage_data  # noqa: E402
+from evolm.config import default_target_modules, parse_config, resolve_space  # noqa: E402
+from evolm.continual import ContinualRun, Reporter  # noqa: E402
+from evolm.errors import EvolmError  # noqa: E402
+from evolm.executor import EvalRequest, RayExecutor, StagePayload  # noqa: E402
+from evolm.genome import evaluation_seed, genome_text, hyperparameters, lora_config  # noqa: E402
+from evolm.models import (ModelPayload, build_model, family_and_layers, load_model, save_model,  # noqa: E402
+                          train_tokenizer)
+from evolm.space import Boolean, Categorical, Integer, LayerMask, LogUniform, Uniform  # noqa: E402
+from evolm.train import _autocast, _lr_factor, evaluate, pick_device, train_loop  # noqa: E402
+
+METHODS = ("evolm", "evolm-halving", "evolm-inherit", "random", "tpe", "deap", "asha")
+EVOLM_VARIANTS = {
+    "evolm": {},
+    "evolm-halving": {"halving": {"rungs": 3, "reduction_factor": 3}},
+    "evolm-inherit": {"inherit_weights": True},
+}
+INF = float("inf")
+
+
+# ----- the task -----------------------------------------------------------------------------------
+class Task:
+    """What every method shares: the base model, the stage's token blocks, the space, the defaults."""
+
+    def __init__(self, config, base_dir: Path, workers: int):
+        self.config, self.base_dir, self.workers = config, base_dir, workers
+        self.base, tokenizer = load_model(str(base_dir))
+        self.base.eval()
+        stage = config.stages[0]
+        splits = stage_data.tokenize_splits(stage_data.load_splits(stage), tokenizer, config.block_size, stage.name)
+        self.blocks = {"train": splits["train"], "validation": splits["validation"]}
+        family, n_layers = family_and_layers(self.base)
+        self.space = resolve_space(config, family, n_layers)
+        # The same training defaults evolm's stage loop uses (ContinualRun._setup_search).
+        self.training = config.training.model_dump()
+        if self.training["target_modules"] is None:
+            self.training["target_modules"] = default_target_modules(family)
+        self.training["fan_in_fan_out"] = family == "gpt2"
+
+    def hp(self, values: dict) -> dict:
+        return hyperparameters(values, self.training)
+
+    def stage_payload(self, key: str) -> StagePayload:
+        return StagePayload(key, ModelPayload.of(self.base), self.blocks, self.training)
+
+
+class BudgetSpent(Exception):
+    """Raised inside a baseline's loop when its step budget is spent."""
+
+
+class Trials:
+    """One baseline's evaluations in completion order, and its step budget.
+
+    A trial may start while the steps spent plus those planned for running trials are below the
+    budget, so the last trial may overshoot it by less than one trial; the steps really trained count.
+    """
+
+    def __init__(self, budget: int):
+        self.budget, self.committed, self.rows = budget, 0, []
+
+    def admit(self, hp: dict) -> bool:
+        if self.committed >= self.budget:
+            return False
+        self.committed += int(hp["max_steps"])
+        return True
+
+    def record(self, hp: dict, result: dict, values: dict) -> None:
+        ok = result["status"] == "ok"
+        steps = int((result.get("curve") or {}).get("steps", 0))
+        self.committed += steps - int(hp["max_steps"])
+        self.rows.append({"values": values, "val_loss": result["objectives"]["val_loss"] if ok else INF,
+                          "steps": steps, "status": result["status"], "error": result.get("error")})
+
+
+def run_requests(executor: RayExecutor, task: Task, trials: Trials, batch: list[tuple[str, dict, int]]) -> list[dict]:
+    """Evaluate (tag, values, seed) items on the Ray workers; returns their rows in the order given."""
+    by_tag = {tag: values for tag, values, _ in batch}
+    rows = {}
+
+    def on_result(result: dict) -> None:
+        values = by_tag[result["genome_id"]]
+        trials.record(task.hp(values), result, values)
+        rows[result["genome_id"]] = trials.rows[-1]
+
+    executor.map([EvalRequest(tag, task.hp(values), seed) for tag, values, seed in batch], on_result)
+    return [rows[tag] for tag, _, _ in batch]
+
+
+def with_ray_executor(task: Task, key: str, body):
+    executor = RayExecutor(task.config.ray, workers=task.workers)
+    try:
+        executor.set_stage(task.stage_payload(key))
+        return body(executor)
+    finally:
+        executor.close()
+
+
+# ----- evolm ----------------------------------------------------------------------------------------
+class QuietReporter(Reporter):
+    def __init__(self, label: str):
+        self.label = label
+
+    def message(self, text: str) -> None:
+        pass
+
+    def generation_end(self, record: dict) -> None:
+        print(f"  {self.label} gen {record['generation']}: best {record['best']} | {record['evaluations']} evals, "
+              f"{record['failed']} failed, {record['seconds']:.0f}s", flush=True)
+
+    def stage_end(self, summary: dict) -> None:
+        pass
+
+
+def evolm_config(base_raw: dict, method: str, seed: int, args, base_dir: Path):
+    raw = json.loads(json.dumps(base_raw))
+    raw.update(seed=seed, prompts=[], name=f"bench-search-{method}")
+    raw["model"] = {"name_or_path": str(base_dir.resolve()), "build": None, "pretrain": None}
+    raw["search"].update(EVOLM_VARIANTS[method])
+    if method == "evolm-halving":
+        raw["search"]["generations"] = args.halving_generations
+    return parse_config(raw)
+
+
+def run_evolm(task: Task, method: str, seed: int, args, base_raw: dict, out: Path) -> dict:
+    config = evolm_config(base_raw, method, seed, args, task.base_dir)
+    shutil.rmtree(out, ignore_errors=True)  # a leftover ledger would be taken as finished evaluations
+    ContinualRun(config, out, lambda: RayExecutor(config.ray, workers=task.workers),
+                 QuietReporter(f"{method} seed {seed}")).run()
+    rows = []
+    for line in (out / "evaluations.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["cached"]:  # a twin was trained earlier in the run: no steps, same loss
+            continue
+        steps = r["steps"] if r.get("steps") is not None else (r.get("curve") or {}).get("steps", 0)
+        ok = r["status"] == "ok"
+        rows.append({"values": r["values"], "val_loss": r["objectives"]["val_loss"] if ok else INF,
+                     "steps": int(steps), "status": r["status"], "error": r.get("error"), "genome_id": r["genome_id"],
+                     "generation": r["generation"]})
+    return {"rows": rows}
+
+
+# ----- random search --------------------------------------------------------------------------------
+def run_random(task: Task, seed: int, budget: int, args) -> dict:
+    """Independent genomes from evolm's own samplers; since a genome's steps are known before it
+    trains, the genomes that fit the budget are drawn first and handed to the workers in one go."""
+    rng = random.Random(evaluation_seed(seed, 0, "random-search"))
+    trials, batch = Trials(budget), []
+    while True:
+        values = {name: gene.sample(rng) for name, gene in task.space.items()}
+        if not trials.admit(task.hp(values)):
+            break
+        batch.append((f"random-{len(batch)}", values, evaluation_seed(seed, 1, f"random-{len(batch)}")))
+    with_ray_executor(task, f"random-{seed}", lambda ex: run_requests(ex, task, trials, batch))
+    return {"rows": trials.rows}
+
+
+# ----- Optuna TPE -----------------------------------------------------------------------------------
+def optuna_distributions(space: dict) -> dict:
+    """One Optuna distribution per gene; a layer mask becomes one bool per block; categorical choices
+    that are not plain values (lists of module names) are searched by their index."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists = {}
+    for name, gene in space.items():
+        if isinstance(gene, Categorical):
+            plain = all(isinstance(c, (bool, int, float, str)) for c in gene.choices)
+            dists[name] = CategoricalDistribution(gene.choices if plain else list(range(len(gene.choices))))
+        elif isinstance(gene, Integer):
+            dists[name] = IntDistribution(gene.low, gene.high, log=gene.log)
+        elif isinstance(gene, (Uniform, LogUniform)):
+            dists[name] = FloatDistribution(gene.low, gene.high, log=isinstance(gene, LogUniform))
+        elif isinstance(gene, Boolean):
+            dists[name] = CategoricalDistribution([False, True])
+        elif isinstance(gene, LayerMask):
+            for i in range(gene.n_layers):
+                dists[f"{name}[{i}]"] = CategoricalDistribution([False, True])
+        else:
+            raise TypeError(f"gene {name}: no Optuna distribution for {type(gene).__name__}")
+    return dists
+
+
+def from_optuna(space: dict, params: dict) -> dict:
+    values = {}
+    for name, gene in space.items():
+        if isinstance(gene, LayerMask):
+            mask = [bool(params[f"{name}[{i}]"]) for i in range(gene.n_layers)]
+            values[name] = mask if any(mask) else mask[:-1] + [True]  # no block at all: adapt the last one
+        elif isinstance(gene, Categorical) and not all(isinstance(c, (bool, int, float, str)) for c in gene.choices):
+            values[name] = gene.choices[params[name]]
+        else:
+            values[name] = params[name]
+    return values
+
+
+def run_tpe(task: Task, seed: int, budget: int, args) -> dict:
+    """Optuna's TPE, asked and told in batches of ``workers`` (constant liar: the second genome of a
+    batch is not drawn as if the first were not running)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.tpe_startup_trials, constant_liar=True)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    dists, trials = optuna_distributions(task.space), Trials(budget)
+
+    def loop(executor):
+        while True:
+            batch = []
+            for _ in range(task.workers):
+                trial = study.ask(dists)
+                values = from_optuna(task.space, trial.params)
+                if not trials.admit(task.hp(values)):
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # asked, never trained
+                    break
+                batch.append((trial, values))
+            if not batch:
+                return
+            tagged = [(f"tpe-{t.number}", v, evaluation_seed(seed, 1, f"tpe-{t.number}")) for t, v in batch]
+            for (trial, _), row in zip(batch, run_requests(executor, task, trials, tagged)):
+                if math.isfinite(row["val_loss"]):
+                    study.tell(trial, row["val_loss"])
+                else:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    with_ray_executor(task, f"tpe-{seed}", loop)
+    return {"rows": trials.rows}
+
+
+# ----- plain DEAP -----------------------------------------------------------------------------------
+def unit_length(space: dict) -> int:
+    return sum(gene.n_layers if isinstance(gene, LayerMask) else 1 for gene in space.values())
+
+
+def from_unit(space: dict, u: list[float]) -> dict:
+    """A genome from floats in [0, 1], one per gene (one per block for a layer mask)."""
+    values, i = {}, 0
+    for name, gene in space.items():
+        if isinstance(gene, LayerMask):
+            part = u[i:i + gene.n_layers]
+            i += gene.n_layers
+            mask = [x >= 0.5 for x in part]
+            if not any(mask):  # no block at all: adapt the one closest to being on
+                mask[int(np.argmax(part))] = True
+            values[name] = mask
+            continue
+        x = min(max(float(u[i]), 0.0), 1.0)
+        i += 1
+        if isinstance(gene, Categorical):
+            values[name] = gene.choices[min(int(x * len(gene.choices)), len(gene.choices) - 1)]
+        elif isinstance(gene, Integer) and gene.log:
+            v = round(math.exp(math.log(gene.low) + x * (math.log(gene.high) - math.log(gene.low))))
+            values[name] = min(max(int(v), gene.low), gene.high)
+        elif isinstance(gene, Integer):
+            values[name] = gene.low + min(int(x * (gene.high - gene.low + 1)), gene.high - gene.low)
+        elif isinstance(gene, Uniform):
+            values[name] = gene.low + x * (gene.high - gene.low)
+        elif isinstance(gene, LogUniform):
+            values[name] = math.exp(math.log(gene.low) + x * (math.log(gene.high) - math.log(gene.low)))
+        elif isinstance(gene, Boolean):
+            values[name] = x >= 0.5
+        else:
+            raise TypeError(f"gene {name}: cannot decode {type(gene).__name__}")
+    return values
+
+
+def run_deap(task: Task, seed: int, budget: int, args) -> dict:
+    """What a DEAP user writes by hand: individuals of floats in [0, 1], ``eaSimple`` with two-point
+    crossover, bounded polynomial mutation and tournaments of 3; ``toolbox.map`` evaluates a
+    generation on the Ray workers and raises ``BudgetSpent`` once the budget is used up."""
+    from deap import algorithms, base, creator, tools
+
+    if not hasattr(creator, "BenchFitnessMin"):
+        creator.create("BenchFitnessMin", base.Fitness, weights=(-1.0,))
+        creator.create("BenchIndividual", list, fitness=creator.BenchFitnessMin)
+    n = unit_length(task.space)
+    trials, counter = Trials(budget), iter(range(10**9))
+
+    def parallel_map(evaluate, individuals):
+        batch = []
+        for ind in individuals:
+            values = from_unit(task.space, ind)
+            if not trials.admit(task.hp(values)):
+                break
+            i = next(counter)
+            batch.append((f"deap-{i}", values, evaluation_seed(seed, 1, f"deap-{i}")))
+        state = random.getstate()  # the GA's random stream must not depend on what Ray draws meanwhile
+        rows = run_requests(executor, task, trials, batch) if batch else []
+        random.setstate(state)
+        if len(batch) < len(individuals):
+            raise BudgetSpent
+        return [(row["val_loss"],) for row in rows]
+
+    toolbox = base.Toolbox()
+    toolbox.register("attr", random.random)
+    toolbox.register("individual", tools.initRepeat, creator.BenchIndividual, toolbox.attr, n=n)
+    toolbox.register("population", tools.initRepeat, list, toolbox.individual)
+    toolbox.register("evaluate", lambda ind: None)  # the work happens in parallel_map
+    toolbox.register("mate", tools.cxTwoPoint)
+    toolbox.register("mutate", tools.mutPolynomialBounded, eta=args.deap_eta, low=0.0, up=1.0, indpb=1.0 / n)
+    toolbox.register("select", tools.selTournament, tournsize=3)
+    toolbox.register("map", parallel_map)
+
+    def loop(ex):
+        nonlocal executor
+        executor = ex
+        random.seed(seed)  # eaSimple and DEAP's operators draw from the global generator
+        try:
+            algorithms.eaSimple(toolbox.population(n=args.population), toolbox, cxpb=args.deap_cxpb,
+                                mutpb=args.deap_mutpb, ngen=10**6, verbose=False)
+        except BudgetSpent:
+            pass
+
+    executor = None
+    with_ray_executor(task, f"deap-{seed}", loop)
+    return {"rows": trials.rows}
+
+
+# ----- Ray Tune ASHA --------------------------------------------------------------------------------
+class ChunkedLoRA:
+    """evolm's training loop (``evolm.train.fine_tune`` + ``train_loop``, without replay) cut into
+    chunks: model, optimizer, schedule and batch generator stay alive between chunks, so training to
+    the end in chunks gives the same adapter as one ``evaluate_genome``."""
+
+    def __init__(self, base_model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device):
+        from peft import get_peft_model
+
+        torch.manual_seed(seed)
+        self.device = device
+        self.model = get_peft_model(base_model, lora_config(hp)).to(device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.steps, self.batch = int(hp["max_steps"]), int(hp["per_device_train_batch_size"])
+        self.warmup, self.lr = int(round(hp.get("warmup_ratio", 0.0) * self.steps)), hp["learning_rate"]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=hp.get("weight_decay", 0.0))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.data = torch.from_numpy(blocks.astype(np.int64))
+        self.max_grad_norm, self.step, self.finite = hp.get("max_grad_norm", 1.0), 0, True
+
+    def train(self, n: int) -> int:
+        """Up to ``n`` more steps; returns the steps trained (fewer when the loss stops being finite)."""
+        self.model.train()
+        done = 0
+        while done < n and self.step < self.steps and self.finite:
+            idx = torch.randint(len(self.data), (self.batch,), generator=self.generator)
+            x = self.data[idx].to(self.device)
+            with _autocast(self.device):
+                loss = self.model(input_ids=x, labels=x).loss
+            done += 1
+            if not math.isfinite(loss.item()):
+                self.finite, self.step = False, self.step + 1
+                break
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            for group in self.optimizer.param_groups:  # evolm's schedule: linear warmup, linear decay
+                group["lr"] = self.lr * _lr_factor(self.step, self.steps, self.warmup)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+        self.model.eval()
+        return done
+
+
+def asha_trial(config: dict, stage: StagePayload, genomes: list, seeds: list, threads: int, chunk: int,
+               use_gpu: bool) -> None:
+    """One Ray Tune trial: train genome ``config["index"]`` chunk by chunk, reporting after each."""
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    i, device = config["index"], pick_device(use_gpu)
+    hp = hyperparameters(genomes[i], stage.training)
+    trainer = ChunkedLoRA(stage.model.build(), stage.blocks["train"], hp, seeds[i], device)
+    while trainer.step < trainer.steps:
+        trained = trainer.train(chunk)
+        val = (evaluate(trainer.model, stage.blocks["validation"], stage.training["eval_batch_size"],
+                        stage.training["eval_max_batches"], device) if trainer.finite else INF)
+        ok = math.isfinite(val)
+        tune.report({"val_loss": val if ok else INF, "steps": trainer.step, "chunk_steps": trained, "failed": not ok})
+        if not ok:
+            return
+
+
+def run_asha(task: Task, seed: int, budget: int, args, out: Path) -> dict:
+    """Ray Tune: random genomes (evolm's samplers, as ``random``) as trials, ASHA stopping the weak ones
+    at rungs of steps, ``workers`` trials at once, and a stopper that ends the experiment once the
+    reported steps reach the budget."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    class StepBudget(tune.Stopper):
+        def __init__(self):
+            self.spent, self.reports = 0, []
+
+        def __call__(self, trial_id, result):
+            self.spent += int(result["chunk_steps"])
+            self.reports.append({"trial": trial_id, "index": result["config"]["index"], "val_loss": result["val_loss"],
+                                 "steps": int(result["chunk_steps"]), "trial_steps": int(result["steps"]),
+                                 "failed": bool(result["failed"])})
+            return False
+
+        def stop_all(self):
+            return self.spent >= budget
+
+    rng = random.Random(evaluation_seed(seed, 0, "asha-search"))
+    step_gene = task.space.get("max_steps")
+    max_t = step_gene.high if isinstance(step_gene, Integer) else int(task.training["max_steps"])
+    shortest = step_gene.low if isinstance(step_gene, Integer) else max_t
+    fewest = max(1, min(args.asha_grace, args.asha_chunk, shortest))  # steps of a trial stopped at once
+    n_trials = math.ceil(budget / fewest) + 2 * task.workers  # the budget runs out before the trials do
+    genomes = [{name: gene.sample(rng) for name, gene in task.space.items()} for _ in range(n_trials)]
+    seeds = [evaluation_seed(seed, 1, f"asha-{i}") for i in range(n_trials)]
+    cpus, gpus = task.config.ray.num_cpus_per_trial, task.config.ray.num_gpus_per_trial
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    stopper = StepBudget()
+    trainable = tune.with_resources(
+        tune.with_parameters(asha_trial, stage=task.stage_payload(f"asha-{seed}"), genomes=genomes, seeds=seeds,
+                             threads=max(1, int(cpus)), chunk=args.asha_chunk, use_gpu=gpus > 0),
+        {"cpu": cpus, "gpu": gpus})
+    scheduler = ASHAScheduler(time_attr="steps", max_t=max_t, grace_period=min(args.asha_grace, max_t),
+                              reduction_factor=args.asha_reduction_factor)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"index": tune.grid_search(list(range(n_trials)))},  # in order: a seeded random search
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
+                                    max_concurrent_trials=task.workers, reuse_actors=True,
+                                    trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out.resolve()), stop=stopper, verbose=0))
+    grid = tuner.fit()
+    errors = [str(e).splitlines()[0] for e in grid.errors]
+    rows = [{"values": genomes[r["index"]], "val_loss": r["val_loss"], "steps": r["steps"],
+             "status": "failed" if r["failed"] else "ok", "trial": r["trial"], "trial_steps": r["trial_steps"]}
+            for r in stopper.reports]
+    rows += [{"val_loss": INF, "steps": 0, "status": "failed", "error": e} for e in errors]
+    return {"rows": rows, "trials": len({r["trial"] for r in stopper.reports}) + len(errors)}
+
+
+# ----- scoring --------------------------------------------------------------------------------------
+def score(rows: list[dict], budget: int | None) -> dict:
+    """Best val loss among the rows that started within ``budget`` steps, and the best-so-far curve."""
+    spent, best, curve, counted = 0, INF, [], 0
+    for r in rows:
+        if budget is not None and spent >= budget:
+            break
+        spent += r["steps"]
+        best = min(best, r["val_loss"])
+        counted += 1
+        curve.append([spent, best])
+    # an ASHA trial reports several times: it is one evaluation
+    evaluations = len({r.get("trial", i) for i, r in enumerate(rows[:counted])})
+    return {"best_val_loss": best if math.isfinite(best) else None, "steps": spent,
+            "steps_total": sum(r["steps"] for r in rows), "evaluations": evaluations,
+            "failures": sum(1 for r in rows if r["status"] != "ok"), "curve": curve}
+
+
+def steps_to_reach(curve: list, target: float | None) -> int | None:
+    if target is None:
+        return None
+    return next((steps for steps, best in curve if best <= target), None)
+
+
+# ----- base model -----------------------------------------------------------------------------------
+def prepare_base(config, args) -> Path:
+    """The experiment's model, built and pretrained once, saved to <out>/base (reused when it was
+    made from the same settings)."""
+    if args.base is not None:
+        return args.base
+    if config.model.build is None and config.model.pretrain is None:
+        return Path(config.model.name_or_path)
+    where = args.out / "base"
+    made_from = {"model": config.model.model_dump(mode="json"), "block_size": config.block_size,
+                 "seed": config.seed, "pretrain_steps": args.pretrain_steps}
+    stamp = where / "bench-base.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == made_from:
+        print(f"base model: {where} (made earlier from the same settings)", flush=True)
+        return where
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # as evolm's driver pretrains
+    try:
+        pretrain = stage_data.load_splits(config.model.pretrain) if config.model.pretrain else None
+        if config.model.build:
+            corpus = (pretrain["train"] if pretrain
+                      else [d for s in config.stages for d in stage_data.load_splits(s)["train"]])
+            tokenizer = train_tokenizer(corpus, config.model.build.vocab_size)
+            model = build_model(config.model.build, len(tokenizer), config.block_size, config.seed)
+        else:
+            model, tokenizer = load_model(config.model.name_or_path)
+        if pretrain and args.pretrain_steps > 0:
+            blocks = stage_data.tokenize_splits(pretrain, tokenizer, config.block_size, "model.pretrain")
+            hp = config.model.pretrain.model_dump() | {"max_grad_norm": 1.0, "max_steps": args.pretrain_steps}
+            curve = train_loop(model, blocks["train"], hp, config.seed, torch.device("cpu"))
+            print(f"base model: pretrained {args.pretrain_steps} steps, loss {curve['first']:.3f} -> "
+                  f"{curve['tail_mean']:.3f}", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    shutil.rmtree(where, ignore_errors=True)
+    save_model(model.eval(), tokenizer, where)
+    stamp.write_text(json.dumps(made_from, indent=2))
+    print(f"base model: {where} ({time.perf_counter() - start:.0f}s)", flush=True)
+    return where
+
+
+def benchmark_config(args):
+    """The experiment reduced to the benchmark's task: one stage, one objective, no replay, no prompts."""
+    raw = yaml.safe_load(args.experiment.read_text(encoding="utf-8"))
+    config = parse_config(raw, base_dir=args.experiment.parent, source=str(args.experiment))
+    names = [s.name for s in config.stages]
+    stage = args.stage or names[0]
+    if stage not in names:
+        raise EvolmError(f"--stage {stage}: not a stage of {args.experiment} (stages: {', '.join(names)})")
+    raw = json.loads(json.dumps(config.model_dump(mode="json")))  # data paths now absolute
+    raw["stages"] = [s for s in raw["stages"] if s["name"] == stage]
+    search = raw["search"]
+    search.update(objectives=["val_loss"], winner={"rule": "min_first", "epsilon": 0.05})
+    for key, value in (("population_size", args.population), ("offspring_size", args.offspring),
+                       ("generations", args.generations)):
+        if value is not None:
+            search[key] = value
+    search["space"]["replay_ratio"] = None  # one stage, nothing earlier to replay: the gene would do nothing
+    raw["merge"] = {"method": "best", "top_k": 1}
+    raw["tracking"] = {"tensorboard": False, "mlflow": False, "dir": None}
+    raw["ray"]["num_workers"] = args.workers
+    return parse_config(raw), raw
+
+
+# ----- main -----------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", type=Path, default=Path("experiments/quickstart.yaml"))
+    p.add_argument("--stage", help="the stage to fine-tune on (default: the experiment's first)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--out", type=Path, default=Path("results/bench-search"))
+    p.add_argument("--base", type=Path, help="a saved model directory to fine-tune instead of building one")
+    p.add_argument("--pretrain-steps", type=int, help="pretraining steps of the base (default: the experiment's)")
+    p.add_argument("--workers", type=int, default=2, help="evaluations at once, for every method")
+    p.add_argument("--budget", type=int, help="steps per seed for the baselines (default: what evolm trained)")
+    # Sized so 3 seeds x 7 methods take about half an hour on a 2-core CPU machine.
+    p.add_argument("--population", type=int, default=6, help="evolm mu and DEAP population")
+    p.add_argument("--offspring", type=int, default=6, help="evolm lambda")
+    p.add_argument("--generations", type=int, default=2, help="evolm generations after the first evaluation")
+    p.add_argument("--halving-generations", type=int, help="generations of evolm-halving (default: 2x generations)")
+    p.add_argument("--tpe-startup-trials", type=int, default=10, help="TPE's random trials before modelling")
+    p.add_argument("--deap-cxpb", type=float, default=0.5)
+    p.add_argument("--deap-mutpb", type=float, default=0.2)
+    p.add_argument("--deap-eta", type=float, default=20.0, help="crowding degree of mutPolynomialBounded")
+    p.add_argument("--asha-chunk", type=int, default=10, help="steps between two reports of a trial")
+    p.add_argument("--asha-grace", type=int, default=10, help="ASHA grace period, in steps")
+    p.add_argument("--asha-reduction-factor", type=float, default=3)
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods: {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    methods.sort(key=lambda m: m != "evolm")  # evolm first: its steps are the others' budget
+    if "evolm" not in methods and args.budget is None:
+        p.error("without the evolm method there is no budget to match: give --budget STEPS")
+
+    prepare = args.experiment.parent / "data" / "prepare.py"
+    if prepare.is_file() and not (prepare.parent / "prepared" / "manifest.json").is_file():
+        subprocess.run([sys.executable, str(prepare)], check=True)
+    config, raw = benchmark_config(args)
+    if args.pretrain_steps is None:
+        args.pretrain_steps = config.model.pretrain.max_steps if config.model.pretrain else 0
+    args.population = config.search.population_size
+    if args.halving_generations is None:
+        args.halving_generations = 2 * config.search.generations
+    for m in methods:  # a variant evolm does not know yet fails now, not after an hour
+        if m in EVOLM_VARIANTS:
+            evolm_config(raw, m, 0, args, Path("."))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    base_dir = prepare_base(config, args)
+    task = Task(config, base_dir, args.workers)
+    print(f"task: stage '{config.stages[0].name}', {len(task.blocks['train'])} train / "
+          f"{len(task.blocks['validation'])} validation blocks, genes {', '.join(task.space)}", flush=True)
+    # One local Ray for the whole benchmark (evolm's RayExecutor and Ray Tune both use it), so no
+    # method pays Ray's start-up; each method still starts its own worker processes.
+    import ray
+
+    cfg = config.ray
+    local = cfg.address is None
+    ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+             num_cpus=math.ceil(args.workers * cfg.num_cpus_per_trial) if local else None,
+             num_gpus=(math.ceil(args.workers * cfg.num_gpus_per_trial) or None) if local else None)
+    try:
+        summary = run_all(task, methods, raw, args, base_dir)
+    finally:
+        ray.shutdown()
+    print(format_report(summary["report"]))
+    return 0
+
+
+def run_all(task: Task, methods: list[str], raw: dict, args, base_dir: Path) -> dict:
+    config = task.config
+    results = {m: {} for m in methods}
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "stage": config.stages[0].name,
+               "base": str(base_dir), "results": results}
+    for seed in args.seeds:
+        budget, reference = args.budget, None
+        for method in methods:
+            start = time.perf_counter()
+            out = args.out / f"seed-{seed}" / method
+            print(f"seed {seed} {method} ...", flush=True)
+            if method in EVOLM_VARIANTS:
+                run = run_evolm(task, method, seed, args, raw, out)
+            elif method == "asha":
+                run = run_asha(task, seed, budget, args, out)
+            else:
+                run = {"random": run_random, "tpe": run_tpe, "deap": run_deap}[method](task, seed, budget, args)
+            seconds = time.perf_counter() - start
+            if method == "evolm":
+                plain = score(run["rows"], None)
+                budget = budget if args.budget is not None else plain["steps"]
+                reference = plain
+            entry = score(run["rows"], budget) | {"seconds": seconds, "budget": budget}
+            entry["steps_to_reach_evolm_best"] = steps_to_reach(
+                score(run["rows"], None)["curve"], reference and reference["best_val_loss"])
+            if "trials" in run:
+                entry["trials"] = run["trials"]
+            entry["errors"] = sorted({r["error"] for r in run["rows"] if r.get("error")})[:5]
+            entry["best_genome"] = next((genome_text(r.get("values")) for r in run["rows"]
+                                         if r["val_loss"] == entry["best_val_loss"] and r.get("values")), None)
+            results[method][str(seed)] = entry
+            best = entry["best_val_loss"]
+            print(f"seed {seed} {method}: best val loss {best if best is None else round(best, 4)}, "
+                  f"{entry['steps']} steps (budget {budget}), {entry['evaluations']} evaluations, "
+                  f"{entry['failures']} failed, {seconds:.0f}s", flush=True)
+            (args.out / "search.json").write_text(json.dumps(summary, indent=2))
+    summary["report"] = report(results, args.seeds)
+    (args.out / "search.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def report(results: dict, seeds: list[int]) -> dict:
+    out = {"methods": {}}
+    for method, per_seed in results.items():
+        runs = [per_seed[str(s)] for s in seeds if str(s) in per_seed]
+        losses = [r["best_val_loss"] if r["best_val_loss"] is not None else INF for r in runs]
+        out["methods"][method] = {
+            "median_best_val_loss": statistics.median(losses), "min_best_val_loss": min(losses),
+            "max_best_val_loss": max(losses), "median_steps": statistics.median(r["steps"] for r in runs),
+            "median_evaluations": statistics.median(r["evaluations"] for r in runs),
+            "failures": sum(r["failures"] for r in runs),
+            "median_seconds": statistics.median(r["seconds"] for r in runs)}
+    medians = {m: r["median_best_val_loss"] for m, r in out["methods"].items()}
+    baselines = [medians[m] for m in medians if m not in EVOLM_VARIANTS]
+    if baselines:  # target: evolm's median best below every baseline's
+        out["lowest_median_vs_baselines"] = {m: medians[m] < min(baselines) for m in medians if m in EVOLM_VARIANTS}
+    for variant in ("evolm-halving", "evolm-inherit"):
+        if variant in results and "evolm" in results:
+            # share of plain evolm's steps the variant needs to reach plain evolm's best (None: never)
+            fractions = {}
+            for s in seeds:
+                r, plain = results[variant].get(str(s)), results["evolm"].get(str(s))
+                if r and plain:
+                    reach = r["steps_to_reach_evolm_best"]
+                    fractions[str(s)] = None if reach is None else reach / plain["steps"]
+            out[f"{variant}_fraction_of_evolm_steps"] = fractions
+    return out
+
+
+def format_report(rep: dict) -> str:
+    lines = ["| method | median best val loss | min-max over seeds | median steps | median evaluations | "
+             "failed evaluations | median seconds |", "|---|---|---|---|---|---|---|"]
+    for method, r in rep["methods"].items():
+        lines.append(f"| {method} | {r['median_best_val_loss']:.4f} | {r['min_best_val_loss']:.4f}-"
+                     f"{r['max_best_val_loss']:.4f} | {r['median_steps']:.0f} | {r['median_evaluations']:.0f} | "
+                     f"{r['failures']} | {r['median_seconds']:.0f} |")
+    lines.append("")
+    for method, lowest in rep.get("lowest_median_vs_baselines", {}).items():
+        lines.append(f"{method}: median best val loss below every baseline's: {'yes' if lowest else 'no'}")
+    for key in ("evolm-halving_fraction_of_evolm_steps", "evolm-inherit_fraction_of_evolm_steps"):
+        if key in rep:
+            shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in rep[key].items())
+            lines.append(f"{key.split('_')[0]}: steps to reach plain evolm's best, as a share of plain evolm's "
+                         f"steps: {shown}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except EvolmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
