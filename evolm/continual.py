@@ -285,9 +285,10 @@ class ContinualRun:
             self._checkpoint(k, 0, population, hof)
         budget = self.config.search.step_budget
         for gen in range(max(1, first_gen), self.config.search.generations + 1):
-            if budget is not None and search.ledger.steps >= budget:
-                self.reporter.message(f"stage '{domain.name}': step budget spent ({search.ledger.steps} of {budget} "
-                                      f"steps) after generation {gen - 1}")
+            spent = search.ledger.steps_before(gen)  # not ledger.steps: a resume may hold part of generation gen
+            if budget is not None and spent >= budget:
+                self.reporter.message(f"stage '{domain.name}': step budget spent ({spent} of {budget} steps) "
+                                      f"after generation {gen - 1}")
                 break
             offspring = evo.vary(population, k, gen)
             self._generation(search, gen, offspring, population + offspring, hof)

@@ -103,6 +103,12 @@ class GenerationEvaluator:
                     requests.append(self._request(gen, g, rung, stop))
 
             def on_result(result: dict, rung=rung, last=last) -> None:
+                if rung > 0:  # what the earlier rungs did belongs to this evaluation too
+                    before = ledger.rungs[(gen, result["genome_id"], rung - 1)]
+                    result["inherited"] = before.get("inherited")
+                    result["steps"] = result.get("steps") or before.get("steps")  # a failure reports none
+                    for k in ("seconds", "train_seconds"):
+                        result[k] = (result.get(k) or 0.0) + (before.get(k) or 0.0)
                 if last:
                     finished(result | {"rung": rung, "halted": False})
                 else:
@@ -116,7 +122,9 @@ class GenerationEvaluator:
                 g.fitness.values = tuple(results[g.id]["objectives"].get(o, 0.0) for o in self.objectives)
             ranks = dict(zip((g.id for g in ok), pareto_ranks(ok))) if ok else {}
             ok.sort(key=lambda g: (ranks[g.id], g.fitness.values[0], g.id))
-            promoted = {g.id for g in ok[: survivors(len(alive), factor)] if not results[g.id]["complete"]}
+            # a genome this rung already trained to its max_steps is finished, not a contender
+            contenders = [g for g in ok if not results[g.id]["complete"]]
+            promoted = {g.id for g in contenders[: survivors(len(alive), factor)]}
             for g in alive:
                 if g.id not in promoted and (gen, g.id) not in ledger.records:
                     finished(self._rung_result(gen, rung, results[g.id]))
@@ -167,7 +175,7 @@ class GenerationEvaluator:
         if not parents:
             return None
         first = self.objectives[0]
-        best = min(parents, key=lambda r: (r["objectives"][first], r["genome_id"]))
+        best = min(parents, key=lambda r: (r["objectives"].get(first, 0.0), r["genome_id"]))
         path = self.ledger.adapter_path(best["result_of"])
         if not path.exists():
             return None
@@ -191,7 +199,7 @@ class GenerationEvaluator:
                       "error": result.get("error"), "traceback": result.get("traceback"),
                       "curve": result.get("curve"), "adapter_params": result.get("adapter_params"),
                       "steps": 0 if cached else result.get("steps"), "rung": result.get("rung"),
-                      "halted": result.get("halted", False), "inherited": result.get("inherited"),
+                      "halted": result.get("halted", False), "inherited": None if cached else result.get("inherited"),
                       "seconds": result.get("seconds"), "train_seconds": result.get("train_seconds"),
                       "worker": result.get("worker"), "node": result.get("node"), "cached": cached,
                       "result_of": result["genome_id"],

@@ -54,6 +54,8 @@ def inherit_adapter(model, parent: dict[str, np.ndarray], parent_hp: dict, child
         else:
             fresh += 1
     if new:
-        set_peft_model_state_dict(model, {k: torch.from_numpy(v) for k, v in new.items()})
+        loaded = set_peft_model_state_dict(model, {k: torch.from_numpy(v) for k, v in new.items()})
+        if loaded.unexpected_keys:  # PEFT renamed something: say so instead of training from scratch silently
+            raise ValueError(f"inherited adapter keys do not fit the child model: {loaded.unexpected_keys[:3]}")
     return {"modules_shared": shared, "modules_fresh": fresh,
             "rank": [int(parent_hp["r"]), int(child_hp["r"])], "resized": int(parent_hp["r"]) != int(child_hp["r"])}

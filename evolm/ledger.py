@@ -52,6 +52,10 @@ class StageLedger:
                 ledger.rungs[(r["generation"], r["genome_id"], r["rung"])] = r
         return ledger
 
+    def steps_before(self, generation: int) -> int:
+        """Steps trained by the generations before ``generation`` (the same before and after a resume)."""
+        return sum(r.get("steps") or 0 for (g, _), r in self.records.items() if g < generation and not r["cached"])
+
     def adapter_path(self, genome_id: str) -> Path:
         return self.run_dir / "adapters" / f"stage-{self.index}" / f"{genome_id}.safetensors"
 

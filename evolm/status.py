@@ -53,7 +53,7 @@ def run_status(run_dir: Path) -> dict:
             "generations": search["generations"], "evaluations_done": done, "evaluations_planned": planned,
             "failed": sum(r["status"] != "ok" for r in evals), "best_val_loss": best,
             "steps_trained": sum(r.get("steps") or 0 for r in evals if not r.get("cached")),
-            "halted": sum(1 for r in evals if r.get("halted")),
+            "halted": sum(1 for r in evals if r.get("halted") and not r.get("cached")),
             "elapsed_seconds": elapsed, "estimated_seconds_left": left,
             "checkpoint": (state or {}).get("tag"), "warnings": warnings, "metrics": _metrics(run_dir)}
 

@@ -78,14 +78,17 @@ def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.dev
     curve = {"steps": len(losses), "first": losses[0], "last": losses[-1],
              "min": min(losses), "tail_mean": float(np.mean(tail))}
     if len(losses) < steps and math.isfinite(losses[-1]):
-        curve["state"] = _snapshot(len(losses), losses, params, optimizer, generator)
+        curve["state"] = _snapshot(len(losses), losses, params, optimizer, generator, device)
     return curve
 
 
-def _snapshot(step: int, losses: list[float], params: dict, optimizer, generator) -> dict[str, np.ndarray]:
+def _snapshot(step: int, losses: list[float], params: dict, optimizer, generator,
+              device: torch.device) -> dict[str, np.ndarray]:
     """Everything a paused training needs, as numpy arrays (small on the wire, safetensors on disk)."""
     state = {"step": np.array([step], dtype=np.int64), "losses": np.array(losses, dtype=np.float64),
              "rng.batch": generator.get_state().numpy().copy(), "rng.torch": torch.get_rng_state().numpy().copy()}
+    if device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
+        state["rng.cuda"] = torch.cuda.get_rng_state(device).numpy().copy()
     for name, p in params.items():
         state[f"param.{name}"] = p.detach().cpu().numpy().copy()
         moments = optimizer.state[p]
@@ -102,11 +105,14 @@ def _restore(state: dict, params: dict, optimizer, generator, device) -> tuple[i
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(torch.from_numpy(state[f"param.{name}"]))
-            optimizer.state[p] = {"step": torch.tensor(float(step)),
-                                  "exp_avg": torch.from_numpy(state[f"exp_avg.{name}"].copy()).to(device),
-                                  "exp_avg_sq": torch.from_numpy(state[f"exp_avg_sq.{name}"].copy()).to(device)}
+            # AdamW's default (not fused, not capturable) path keeps ``step`` as a float32 CPU scalar
+            optimizer.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                                  "exp_avg": torch.from_numpy(state[f"exp_avg.{name}"].copy()).to(p.device),
+                                  "exp_avg_sq": torch.from_numpy(state[f"exp_avg_sq.{name}"].copy()).to(p.device)}
     generator.set_state(torch.from_numpy(state["rng.batch"].copy()))
     torch.set_rng_state(torch.from_numpy(state["rng.torch"].copy()))  # dropout continues its own stream
+    if device.type == "cuda" and "rng.cuda" in state:
+        torch.cuda.set_rng_state(torch.from_numpy(state["rng.cuda"].copy()), device)
     return step, [float(v) for v in state["losses"]]
 
 
