@@ -2,7 +2,7 @@
 budget of training steps, on the same task, the same search space and the same evaluation function.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/search.py --experiment experiments/quickstart.yaml \\
-        --stage code --seeds 0 1 2 --methods evolm,evolm-halving,evolm-inherit,random,tpe,deap,asha
+        --stage code --seeds 0 1 2 --methods evolm,evolm-halving,evolm-inherit,evolm-halving-inherit,random,tpe,deap,asha
 
 The task: LoRA fine-tuning of one base model on one stage (``--stage``, default the experiment's first);
 a genome's score is ``evolm.train.evaluate_genome``'s ``val_loss`` on the stage's validation split, and
@@ -17,9 +17,10 @@ steps spent plus those of its running trials reach S; the steps each method real
 recorded. Every method runs ``--workers`` evaluations at once (Ray), one torch thread each.
 
 A method's best validation loss is the lowest val_loss among its evaluations that started within S
-steps (for ASHA, any report of any trial: a partly trained adapter is one you hold). For evolm with
-successive halving (run with ``--halving-generations``) the script also reports the share of S it
-needs to reach plain evolm's best.
+steps (for ASHA, any report of any trial: a partly trained adapter is one you hold). The evolm
+variants with successive halving and / or weight inheritance get S as their ``search.step_budget``
+(up to ``--variant-generations`` generations); the script also reports the share of S each needs to
+reach plain evolm's best.
 
 Writes <out>/seed-<s>/<method>/ (an evolm run directory, or the Ray Tune experiment of asha) and
 <out>/search.json (every number per seed), and prints a table: median best val loss, min-max over
@@ -59,11 +60,12 @@ from evolm.models import (ModelPayload, build_model, family_and_layers, load_mod
 from evolm.space import Boolean, Categorical, Integer, LayerMask, LogUniform, Uniform  # noqa: E402
 from evolm.train import _autocast, _lr_factor, evaluate, pick_device, train_loop  # noqa: E402
 
-METHODS = ("evolm", "evolm-halving", "evolm-inherit", "random", "tpe", "deap", "asha")
-EVOLM_VARIANTS = {
-    "evolm": {},
-    "evolm-halving": {"halving": {"rungs": 3, "reduction_factor": 3}},
+METHODS = ("evolm", "evolm-halving", "evolm-inherit", "evolm-halving-inherit", "random", "tpe", "deap", "asha")
+EVOLM_VARIANTS = {  # every setting explicit, so a change of evolm's defaults does not rename a variant
+    "evolm": {"inherit_weights": False},  # the plain GA: (mu + lambda), fresh adapters, full budgets
+    "evolm-halving": {"halving": {"rungs": 3, "reduction_factor": 3}, "inherit_weights": False},
     "evolm-inherit": {"inherit_weights": True},
+    "evolm-halving-inherit": {"halving": {"rungs": 3, "reduction_factor": 3}, "inherit_weights": True},
 }
 INF = float("inf")
 
@@ -161,21 +163,27 @@ class QuietReporter(Reporter):
         pass
 
 
-def evolm_config(base_raw: dict, method: str, seed: int, args, base_dir: Path):
+def evolm_config(base_raw: dict, method: str, seed: int, args, base_dir: Path, budget: int | None):
     raw = json.loads(json.dumps(base_raw))
     raw.update(seed=seed, prompts=[], name=f"bench-search-{method}")
     raw["model"] = {"name_or_path": str(base_dir.resolve()), "build": None, "pretrain": None}
     raw["search"].update(EVOLM_VARIANTS[method])
-    if method == "evolm-halving":
-        raw["search"]["generations"] = args.halving_generations
+    if method != "evolm" and budget is not None:
+        # the other variants spend the same budget S: as many generations as it pays for
+        raw["search"].update(generations=args.variant_generations, step_budget=budget)
     return parse_config(raw)
 
 
-def run_evolm(task: Task, method: str, seed: int, args, base_raw: dict, out: Path) -> dict:
-    config = evolm_config(base_raw, method, seed, args, task.base_dir)
+def run_evolm(task: Task, method: str, seed: int, args, base_raw: dict, out: Path, budget: int | None) -> dict:
+    config = evolm_config(base_raw, method, seed, args, task.base_dir, budget)
     shutil.rmtree(out, ignore_errors=True)  # a leftover ledger would be taken as finished evaluations
     ContinualRun(config, out, lambda: RayExecutor(config.ray, workers=task.workers),
                  QuietReporter(f"{method} seed {seed}")).run()
+    return {"rows": evolm_rows(out)}
+
+
+def evolm_rows(out: Path) -> list[dict]:
+    """One row per trained evaluation of an evolm run directory, in the order they were written."""
     rows = []
     for line in (out / "evaluations.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -186,7 +194,7 @@ def run_evolm(task: Task, method: str, seed: int, args, base_raw: dict, out: Pat
         rows.append({"values": r["values"], "val_loss": r["objectives"]["val_loss"] if ok else INF,
                      "steps": int(steps), "status": r["status"], "error": r.get("error"), "genome_id": r["genome_id"],
                      "generation": r["generation"]})
-    return {"rows": rows}
+    return rows
 
 
 # ----- random search --------------------------------------------------------------------------------
@@ -493,6 +501,14 @@ def score(rows: list[dict], budget: int | None) -> dict:
         best = min(best, r["val_loss"])
         counted += 1
         curve.append([spent, best])
+    # evolm writes a generation's records as genomes stop, while successive halving has already spent
+    # the earlier rungs of the genomes still running: charge each point the steps of its whole generation
+    generation_end, spent_so_far = {}, 0
+    for r in rows[:counted]:
+        spent_so_far += r["steps"]
+        if "generation" in r:
+            generation_end[r["generation"]] = spent_so_far
+    curve = [[generation_end.get(r.get("generation"), point[0]), point[1]] for r, point in zip(rows, curve)]
     # an ASHA trial reports several times: it is one evaluation
     evaluations = len({r.get("trial", i) for i, r in enumerate(rows[:counted])})
     return {"best_val_loss": best if math.isfinite(best) else None, "steps": spent,
@@ -587,7 +603,9 @@ def main(argv=None) -> int:
     p.add_argument("--population", type=int, default=6, help="evolm mu and DEAP population")
     p.add_argument("--offspring", type=int, default=6, help="evolm lambda")
     p.add_argument("--generations", type=int, default=2, help="evolm generations after the first evaluation")
-    p.add_argument("--halving-generations", type=int, help="generations of evolm-halving (default: 2x generations)")
+    p.add_argument("--variant-generations", type=int,
+                   help="generation cap of the evolm variants other than plain evolm, which stop once they have "
+                        "spent the budget S (search.step_budget); default 6x --generations")
     p.add_argument("--tpe-startup-trials", type=int, default=10, help="TPE's random trials before modelling")
     p.add_argument("--deap-cxpb", type=float, default=0.5)
     p.add_argument("--deap-mutpb", type=float, default=0.2)
@@ -611,11 +629,11 @@ def main(argv=None) -> int:
     if args.pretrain_steps is None:
         args.pretrain_steps = config.model.pretrain.max_steps if config.model.pretrain else 0
     args.population = config.search.population_size
-    if args.halving_generations is None:
-        args.halving_generations = 2 * config.search.generations
+    if args.variant_generations is None:
+        args.variant_generations = 6 * config.search.generations
     for m in methods:  # a variant evolm does not know yet fails now, not after an hour
         if m in EVOLM_VARIANTS:
-            evolm_config(raw, m, 0, args, Path("."))
+            evolm_config(raw, m, 0, args, Path("."), 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
     base_dir = prepare_base(config, args)
@@ -651,7 +669,7 @@ def run_all(task: Task, methods: list[str], raw: dict, args, base_dir: Path) -> 
             out = args.out / f"seed-{seed}" / method
             print(f"seed {seed} {method} ...", flush=True)
             if method in EVOLM_VARIANTS:
-                run = run_evolm(task, method, seed, args, raw, out)
+                run = run_evolm(task, method, seed, args, raw, out, budget)
             elif method == "asha":
                 run = run_asha(task, seed, budget, args, out)
             else:
@@ -695,7 +713,7 @@ def report(results: dict, seeds: list[int]) -> dict:
     baselines = [medians[m] for m in medians if m not in EVOLM_VARIANTS]
     if baselines:  # target: evolm's median best below every baseline's
         out["lowest_median_vs_baselines"] = {m: medians[m] < min(baselines) for m in medians if m in EVOLM_VARIANTS}
-    for variant in ("evolm-halving", "evolm-inherit"):
+    for variant in ("evolm-halving", "evolm-inherit", "evolm-halving-inherit"):
         if variant in results and "evolm" in results:
             # share of plain evolm's steps the variant needs to reach plain evolm's best (None: never)
             fractions = {}
@@ -718,7 +736,7 @@ def format_report(rep: dict) -> str:
     lines.append("")
     for method, lowest in rep.get("lowest_median_vs_baselines", {}).items():
         lines.append(f"{method}: median best val loss below every baseline's: {'yes' if lowest else 'no'}")
-    for key in ("evolm-halving_fraction_of_evolm_steps", "evolm-inherit_fraction_of_evolm_steps"):
+    for key in (f"{v}_fraction_of_evolm_steps" for v in ("evolm-halving", "evolm-inherit", "evolm-halving-inherit")):
         if key in rep:
             shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in rep[key].items())
             lines.append(f"{key.split('_')[0]}: steps to reach plain evolm's best, as a share of plain evolm's "

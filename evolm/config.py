@@ -183,9 +183,10 @@ class SearchConfig(Section):
     step_budget: int | None = Field(default=None, ge=1)
     """Training steps a stage's search may spend: no generation starts once its evaluations have
     trained this many (the running one finishes). None: ``generations`` alone decides."""
-    inherit_weights: bool = False
+    inherit_weights: bool = True
     """A child starts from its best parent's trained adapter (resized by SVD when ranks differ)
-    instead of a fresh one; only the steps it trains itself are counted."""
+    instead of a fresh one; only the steps it trains itself are counted. On by default: at equal
+    training steps it found better genomes than fresh adapters (benchmarks/README.md, search)."""
 
     @model_validator(mode="after")
     def _check(self):
