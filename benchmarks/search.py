@@ -58,7 +58,7 @@ from evolm.genome import evaluation_seed, genome_text, hyperparameters, lora_con
 from evolm.models import (ModelPayload, build_model, family_and_layers, load_model, save_model,  # noqa: E402
                           train_tokenizer)
 from evolm.space import Boolean, Categorical, Integer, LayerMask, LogUniform, Uniform  # noqa: E402
-from evolm.train import _autocast, _lr_factor, evaluate, pick_device, train_loop  # noqa: E402
+from evolm.train import autocast, lr_factor, evaluate, pick_device, train_loop  # noqa: E402
 
 METHODS = ("evolm", "evolm-halving", "evolm-inherit", "evolm-halving-inherit", "random", "tpe", "deap", "asha")
 EVOLM_VARIANTS = {  # every setting explicit, so a change of evolm's defaults does not rename a variant
@@ -399,7 +399,7 @@ class ChunkedLoRA:
         while done < n and self.step < self.steps and self.finite:
             idx = torch.randint(len(self.data), (self.batch,), generator=self.generator)
             x = self.data[idx].to(self.device)
-            with _autocast(self.device):
+            with autocast(self.device):
                 loss = self.model(input_ids=x, labels=x).loss
             done += 1
             if not math.isfinite(loss.item()):
@@ -408,7 +408,7 @@ class ChunkedLoRA:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
             for group in self.optimizer.param_groups:  # evolm's schedule: linear warmup, linear decay
-                group["lr"] = self.lr * _lr_factor(self.step, self.steps, self.warmup)
+                group["lr"] = self.lr * lr_factor(self.step, self.steps, self.warmup)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
