@@ -111,3 +111,24 @@ def test_run_records_inheritance(corpora, tmp_path):
     assert all(r["inherited"] is None for r in evals if r["generation"] == 0)
     graph = ancestry(evals, children[-1]["genome_id"])
     assert graph["nodes"][children[-1]["genome_id"]]["inherited_from"] == children[-1]["inherited"]["from"]
+
+
+def test_parent_choice_without_the_first_objective_measured(tmp_path):
+    """Stage 1 without pretraining has no retention blocks: a retention_loss-first run still picks a
+    parent (by 0.0, then id) instead of failing on the missing objective."""
+    from evolm.config import HalvingConfig
+    from evolm.evaluation import GenerationEvaluator
+    from evolm.genome import Genome
+    from evolm.ledger import StageLedger
+
+    ledger = StageLedger(tmp_path, 1)
+    for gid in ("aa", "bb"):
+        ledger.records[(0, gid)] = {"genome_id": gid, "result_of": gid, "status": "ok", "cached": False,
+                                    "values": {"r": 4, "lora_alpha": 8}, "objectives": {"val_loss": 3.0}}
+        ledger.save_adapter(gid, {"w": np.zeros((2, 2), np.float32)})
+    evaluator = GenerationEvaluator(tmp_path, 1, "code", ledger, None, None, ["retention_loss", "val_loss"],
+                                    {"r": 8, "lora_alpha": 16}, 0, HalvingConfig(), True)
+    child = Genome(values={"r": 2}, id="cc", parents=["bb", "aa"], born=(1, 1))
+    taken = evaluator._inheritance(1, child)
+    assert taken["from"] == "aa" and taken["hp"]["r"] == 4 and set(taken["adapter"]) == {"w"}
+    assert evaluator._inheritance(1, Genome(values={}, id="dd", parents=["aa"], born=(1, 0))) is None  # not a newborn
