@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
         raw = method_config(base, method, args, args.out)
         config = parse_config(raw)
         run_dir = args.out / method
+        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output of an earlier run
         start = time.time()
         executor = (lambda: LocalExecutor()) if args.no_ray else (lambda: RayExecutor(config.ray))
         ContinualRun(config, run_dir, executor).run()

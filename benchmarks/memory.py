@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     config = load_config(args.experiment, {"search.generations": args.generations, "prompts": []})
     config = config.model_copy(update={"stages": config.stages[:1]})
     probe = MemoryProbe()
+    shutil.rmtree(args.out / "run", ignore_errors=True)  # this script's own output of an earlier run
     ContinualRun(config, args.out / "run", lambda: RayExecutor(config.ray), probe).run()
     later = probe.rows[1:]
     result = {"rows": probe.rows, "driver_mb_per_generation": slope([r["driver_mb"] for r in later]),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ def run(config, args) -> dict:
             super()._generation(search, gen, new, everyone, hof)
             holder["evolm_seconds"] = time.perf_counter() - start
 
+    shutil.rmtree(run_dir, ignore_errors=True)  # a ledger left by an earlier run would be taken as finished work
     Timed(config, run_dir, lambda: RayExecutor(config.ray)).run()
 
     # raw: the same genomes, same seeds, same base and blocks, a plain loop

@@ -97,6 +97,11 @@ class ContinualRun:
     # ----- entry points -------------------------------------------------------------------
     def run(self) -> list[dict]:
         """A new run in an empty (or new) run directory."""
+        if any((self.run_dir / name).exists() for name in ("experiment.json", "evaluations.jsonl", "checkpoints")):
+            # its ledger would silently stand in for evaluations of this run
+            raise RunDirError(f"{self.run_dir} already holds a run; resume it (evolm resume {self.run_dir}) "
+                              f"or start in an empty directory")
+
         def go():
             self._start_fresh()
             return self._loop(None)

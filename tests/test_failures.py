@@ -174,3 +174,16 @@ def test_data_errors_name_the_file_and_the_fix(corpora, tmp_path):
             load_splits(source)
     with pytest.raises(DataError, match="fewer than one block of block_size=64"):
         pack([[1, 2, 3]], eos_id=0, block_size=64, where="stage 's' (validation split)")
+
+
+def test_a_new_run_refuses_a_directory_that_holds_one(corpora, tmp_path):
+    """Its ledger would silently stand in for the new run's evaluations."""
+    from evolm.errors import RunDirError
+
+    raw = tiny_experiment(corpora, tmp_path)
+    raw["stages"], raw["search"]["generations"] = raw["stages"][:1], 0
+    ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()
+    before = (tmp_path / "run" / "evaluations.jsonl").read_text()
+    with pytest.raises(RunDirError, match="already holds a run; resume it"):
+        ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()
+    assert (tmp_path / "run" / "evaluations.jsonl").read_text() == before  # nothing lost or rewritten

@@ -180,3 +180,4 @@ def test_a_rung_that_completes_a_genome_leaves_its_slot_to_a_contender(corpora, 
     assert short and longer
     assert all(not r["halted"] and r["steps"] == 1 and r["rung"] == 0 for r in short)
     assert sum(not r["halted"] for r in longer) == 1  # survivors(6 genomes, 3) = 2 slots, then 1: one reaches the end
+
