@@ -356,8 +356,8 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: str = "config") 
         return ExperimentConfig.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         message = "; ".join(_describe(e) for e in exc.errors())
-        # User text may hold control characters; the message stays one printable line.
-        message = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
+        # User text may hold control characters or Unicode line breaks; the message stays one printable line.
+        message = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: ascii(m.group())[1:-1], message)
         raise ConfigError(f"{source}: {message}") from None
 
 
@@ -437,6 +437,16 @@ def default_space(config: ExperimentConfig, family: str) -> dict[str, Any]:
         raw["target_modules"] = {"type": "categorical", "choices": TARGET_MODULES[family]}
     adapter = TypeAdapter(Gene)
     return {name: adapter.validate_python(spec) for name, spec in raw.items()}
+
+
+def training_defaults(config: ExperimentConfig, family: str) -> dict[str, Any]:
+    """``training`` as every evaluation sees it: the family's default target modules filled in, and
+    ``fan_in_fan_out`` for GPT-2, whose linear layers store their weights transposed (Conv1D)."""
+    training = config.training.model_dump()
+    if training["target_modules"] is None:
+        training["target_modules"] = default_target_modules(family)
+    training["fan_in_fan_out"] = family == "gpt2"
+    return training
 
 
 def default_target_modules(family: str) -> list[str]:

@@ -80,3 +80,12 @@ def test_layer_mask_size_must_match_the_model(corpora, tmp_path):
     raw["search"]["space"]["layers"] = {"type": "layer_mask", "n_layers": 5}
     with pytest.raises(ConfigError, match="search.space.layers.n_layers is 5 but the model has 2"):
         resolve_space(parse_config(raw), "gpt2", n_layers=2)
+
+
+@pytest.mark.parametrize("char", ["\x85", "\u2028", "\x07"])
+def test_error_message_stays_one_line_whatever_the_user_typed(char):
+    """Found by the hypothesis fuzzing: NEL (\\x85) is a line break for str.splitlines."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({"name": "x", "model": {"build": {}}, "stages": [{"name": "a", "train": __file__}],
+                      "search": {"space": {"max_steps": {"type": char}}}})
+    assert len(str(info.value).splitlines()) == 1
