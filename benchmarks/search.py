@@ -50,15 +50,15 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from evolm import data as stage_data  # noqa: E402
-from evolm.config import default_target_modules, parse_config, resolve_space  # noqa: E402
+from evolm.config import parse_config, resolve_space, training_defaults  # noqa: E402
 from evolm.continual import ContinualRun, Reporter  # noqa: E402
 from evolm.errors import EvolmError  # noqa: E402
 from evolm.executor import EvalRequest, RayExecutor, StagePayload  # noqa: E402
-from evolm.genome import evaluation_seed, genome_text, hyperparameters, lora_config  # noqa: E402
+from evolm.genome import evaluation_seed, genome_text, hyperparameters  # noqa: E402
 from evolm.models import (ModelPayload, build_model, family_and_layers, load_model, save_model,  # noqa: E402
                           train_tokenizer)
 from evolm.space import Boolean, Categorical, Integer, LayerMask, LogUniform, Uniform  # noqa: E402
-from evolm.train import autocast, lr_factor, evaluate, pick_device, train_loop  # noqa: E402
+from evolm.train import evaluate_genome, pick_device, train_loop  # noqa: E402
 
 METHODS = ("evolm", "evolm-halving", "evolm-inherit", "evolm-halving-inherit", "random", "tpe", "deap", "asha")
 EVOLM_VARIANTS = {  # every setting explicit, so a change of evolm's defaults does not rename a variant
@@ -83,11 +83,7 @@ class Task:
         self.blocks = {"train": splits["train"], "validation": splits["validation"]}
         family, n_layers = family_and_layers(self.base)
         self.space = resolve_space(config, family, n_layers)
-        # The same training defaults evolm's stage loop uses (ContinualRun._setup_search).
-        self.training = config.training.model_dump()
-        if self.training["target_modules"] is None:
-            self.training["target_modules"] = default_target_modules(family)
-        self.training["fan_in_fan_out"] = family == "gpt2"
+        self.training = training_defaults(config, family)  # as evolm's stage loop fills them in
 
     def hp(self, values: dict) -> dict:
         return hyperparameters(values, self.training)
@@ -373,65 +369,26 @@ def run_deap(task: Task, seed: int, budget: int, args) -> dict:
 
 
 # ----- Ray Tune ASHA --------------------------------------------------------------------------------
-class ChunkedLoRA:
-    """evolm's training loop (``evolm.train.fine_tune`` + ``train_loop``, without replay) cut into
-    chunks: model, optimizer, schedule and batch generator stay alive between chunks, so training to
-    the end in chunks gives the same adapter as one ``evaluate_genome``."""
-
-    def __init__(self, base_model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device):
-        from peft import get_peft_model
-
-        torch.manual_seed(seed)
-        self.device = device
-        self.model = get_peft_model(base_model, lora_config(hp)).to(device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.steps, self.batch = int(hp["max_steps"]), int(hp["per_device_train_batch_size"])
-        self.warmup, self.lr = int(round(hp.get("warmup_ratio", 0.0) * self.steps)), hp["learning_rate"]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=hp.get("weight_decay", 0.0))
-        self.generator = torch.Generator().manual_seed(seed)
-        self.data = torch.from_numpy(blocks.astype(np.int64))
-        self.max_grad_norm, self.step, self.finite = hp.get("max_grad_norm", 1.0), 0, True
-
-    def train(self, n: int) -> int:
-        """Up to ``n`` more steps; returns the steps trained (fewer when the loss stops being finite)."""
-        self.model.train()
-        done = 0
-        while done < n and self.step < self.steps and self.finite:
-            idx = torch.randint(len(self.data), (self.batch,), generator=self.generator)
-            x = self.data[idx].to(self.device)
-            with autocast(self.device):
-                loss = self.model(input_ids=x, labels=x).loss
-            done += 1
-            if not math.isfinite(loss.item()):
-                self.finite, self.step = False, self.step + 1
-                break
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            for group in self.optimizer.param_groups:  # evolm's schedule: linear warmup, linear decay
-                group["lr"] = self.lr * lr_factor(self.step, self.steps, self.warmup)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-        self.model.eval()
-        return done
-
-
 def asha_trial(config: dict, stage: StagePayload, genomes: list, seeds: list, threads: int, chunk: int,
                use_gpu: bool) -> None:
-    """One Ray Tune trial: train genome ``config["index"]`` chunk by chunk, reporting after each."""
+    """One Ray Tune trial: train genome ``config["index"]`` chunk by chunk with evolm's pausable
+    training (``evaluate_genome`` with ``stop_at`` / ``resume``: trained to the end it gives the same
+    adapter as one call), reporting the validation loss after each chunk."""
     from ray import tune
 
     torch.set_num_threads(threads)
     i, device = config["index"], pick_device(use_gpu)
     hp = hyperparameters(genomes[i], stage.training)
-    trainer = ChunkedLoRA(stage.model.build(), stage.blocks["train"], hp, seeds[i], device)
-    while trainer.step < trainer.steps:
-        trained = trainer.train(chunk)
-        val = (evaluate(trainer.model, stage.blocks["validation"], stage.training["eval_batch_size"],
-                        stage.training["eval_max_batches"], device) if trainer.finite else INF)
+    base, blocks = stage.model.build(), {s: stage.blocks[s] for s in ("train", "validation")}
+    state, done = None, 0
+    while True:
+        result = evaluate_genome(base, blocks, hp, seeds[i], stage.training, device, resume=state, stop_at=done + chunk)
+        val = result["objectives"]["val_loss"]
         ok = math.isfinite(val)
-        tune.report({"val_loss": val if ok else INF, "steps": trainer.step, "chunk_steps": trained, "failed": not ok})
-        if not ok:
+        tune.report({"val_loss": val if ok else INF, "steps": result["steps"], "chunk_steps": result["steps"] - done,
+                     "failed": not ok})
+        done, state = result["steps"], result["state"]
+        if not ok or state is None:  # failed, or trained to its max_steps
             return
 
 

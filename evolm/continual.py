@@ -30,7 +30,7 @@ from evolm import __version__
 from evolm import data as stage_data
 from evolm.checkpoint import (lists_to_tuples, tuples_to_lists, append_jsonl, checkpoint_tag, latest_checkpoint,
                               restore_global_rng, save_checkpoint, write_atomic, write_json)
-from evolm.config import ExperimentConfig, default_target_modules, resolve_space
+from evolm.config import ExperimentConfig, resolve_space, training_defaults
 from evolm.errors import EvolmError, RunDirError
 from evolm.evolution import Evolution, fitness_summary, rank_by_rule
 from evolm.evaluation import GenerationEvaluator
@@ -195,9 +195,7 @@ class ContinualRun:
         cfg = self.config
         family, n_layers = family_and_layers(self.base)
         self.space = resolve_space(cfg, family, n_layers)
-        if self.training["target_modules"] is None:
-            self.training["target_modules"] = default_target_modules(family)
-        self.training["fan_in_fan_out"] = family == "gpt2"  # GPT-2 stores linear weights transposed (Conv1D)
+        self.training = training_defaults(cfg, family)
         resolved = cfg.model_dump(mode="json")
         resolved["search"]["space"] = {k: g.model_dump(mode="json") for k, g in self.space.items()}
         resolved["training"] = self.training
@@ -290,7 +288,7 @@ class ContinualRun:
             self._checkpoint(k, 0, population, hof)
         budget = self.config.search.step_budget
         for gen in range(max(1, first_gen), self.config.search.generations + 1):
-            spent = search.ledger.steps_before(gen)  # not ledger.steps: a resume may hold part of generation gen
+            spent = search.ledger.steps_before(gen)  # a resume may already hold part of generation gen
             if budget is not None and spent >= budget:
                 self.reporter.message(f"stage '{domain.name}': step budget spent ({spent} of {budget} steps) "
                                       f"after generation {gen - 1}")
@@ -334,7 +332,7 @@ class ContinualRun:
                    "winner_objectives": dict(zip(self.objectives, winner.fitness.values)),
                    "winner_val_loss": dict(zip(self.objectives, winner.fitness.values)).get("val_loss"),
                    "merge_method": method, "merged": sources,
-                   "evaluations": search.ledger.trained, "steps": search.ledger.steps, "hall_of_fame": [g.id for g in hof],
+                   "evaluations": search.ledger.trained, "steps": search.ledger.steps_before(), "hall_of_fame": [g.id for g in hof],
                    "seconds": time.perf_counter() - start}
         self.summaries = self.summaries[: k - 1] + [summary]
         self.reporter.stage_end(summary)

@@ -69,7 +69,6 @@ class GenerationEvaluator:
             result.pop("state", None)
             ledger.cache[key] = result
             ledger.trained += 1
-            ledger.steps += result.get("steps") or 0
             assigned.add(key)
             self._assign(gen, groups[key], result)
 

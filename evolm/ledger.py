@@ -34,8 +34,6 @@ class StageLedger:
     rungs: dict[tuple[int, str, int], dict] = field(default_factory=dict)
     """(generation, genome id, rung) -> result of a successive-halving rung."""
     trained: int = 0
-    steps: int = 0
-    """Training steps spent on this stage so far (rungs included, inherited steps not)."""
 
     @classmethod
     def read(cls, run_dir: Path, k: int) -> "StageLedger":
@@ -46,15 +44,16 @@ class StageLedger:
                 if not r["cached"]:
                     ledger.cache[canonical_json(r["values"])] = r | {"genome_id": r["result_of"]}
                     ledger.trained += 1
-                    ledger.steps += r.get("steps") or 0
         for r in read_jsonl(ledger.run_dir / "rungs.jsonl"):
             if r["stage"] == k:
                 ledger.rungs[(r["generation"], r["genome_id"], r["rung"])] = r
         return ledger
 
-    def steps_before(self, generation: int) -> int:
-        """Steps trained by the generations before ``generation`` (the same before and after a resume)."""
-        return sum(r.get("steps") or 0 for (g, _), r in self.records.items() if g < generation and not r["cached"])
+    def steps_before(self, generation: int | None = None) -> int:
+        """Steps trained by the generations before ``generation`` (None: all of this stage's so far);
+        rungs included, inherited steps not. The same before and after a resume."""
+        return sum(r.get("steps") or 0 for (g, _), r in self.records.items()
+                   if (generation is None or g < generation) and not r["cached"])
 
     def adapter_path(self, genome_id: str) -> Path:
         return self.run_dir / "adapters" / f"stage-{self.index}" / f"{genome_id}.safetensors"

@@ -21,13 +21,13 @@ def pick_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
-def autocast(device: torch.device):
+def _autocast(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
 
-def lr_factor(step: int, steps: int, warmup: int) -> float:
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``steps``."""
     return (step + 1) / (warmup + 1) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
 
@@ -62,7 +62,7 @@ def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.dev
     for step in range(start, stop):
         idx = torch.randint(len(data), (batch,), generator=generator) if mix is None else torch.from_numpy(mix[1][step])
         x = data[idx].to(device)
-        with autocast(device):
+        with _autocast(device):
             loss = model(input_ids=x, labels=x).loss
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
@@ -70,7 +70,7 @@ def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.dev
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), hp.get("max_grad_norm", 1.0))
         for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, warmup)
+            group["lr"] = lr * _lr_factor(step, steps, warmup)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
@@ -127,7 +127,7 @@ def evaluate(model, blocks: np.ndarray, batch_size: int, max_batches: int | None
         if max_batches is not None and n >= max_batches:
             break
         x = data[start:start + batch_size].to(device)
-        with autocast(device):
+        with _autocast(device):
             loss = model(input_ids=x, labels=x).loss
         total += loss.item() * len(x)
         count += len(x)
