@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,14 +92,22 @@ def family_and_layers(model) -> tuple[str, int]:
 
 @dataclass
 class ModelPayload:
-    """A model as plain data: its config and its weights as numpy arrays (zero-copy in Ray)."""
+    """A model as plain data: its config and its weights as numpy arrays (zero-copy in Ray).
+
+    ``buffers``: the non-persistent buffers, which ``state_dict`` leaves out (Llama's rotary
+    ``inv_freq``): a model rebuilt on the meta device would otherwise keep them without data.
+    """
 
     config: dict
     weights: dict[str, np.ndarray]
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model) -> "ModelPayload":
-        return cls(model.config.to_dict(), {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+        state = model.state_dict()
+        buffers = {k: v.detach().cpu().numpy() for k, v in model.named_buffers(remove_duplicate=False)
+                   if k not in state}
+        return cls(model.config.to_dict(), {k: v.detach().cpu().numpy() for k, v in state.items()}, buffers)
 
     def build(self):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -110,5 +118,20 @@ class ModelPayload:
             model = AutoModelForCausalLM.from_config(cfg)
         state = {k: torch.from_numpy(np.array(v)) for k, v in self.weights.items()}
         model.load_state_dict(state, assign=True, strict=True)
+        for name, value in self.buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            try:
+                module = model.get_submodule(owner)
+            except AttributeError:
+                module = None
+            if module is None or leaf not in module._buffers:
+                raise ModelError(f"the model payload carries buffer '{name}', which the rebuilt "
+                                 f"{cfg.model_type} model does not have")
+            module._buffers[leaf] = torch.from_numpy(np.array(value))  # stays non-persistent
         model.tie_weights()
+        tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        empty = [n for n, t in tensors if t.is_meta]
+        if empty:
+            raise ModelError(f"rebuilding the {cfg.model_type} model left {len(empty)} tensor(s) without data "
+                             f"(on the meta device): {', '.join(empty[:5])}")
         return model.eval()
