@@ -127,6 +127,7 @@ def cmd_generate(args) -> int:
 
 def _reporter(config, run_dir: Path, args):
     """The console, wrapped by experiment tracking when the config turns it on."""
+    from evolm.reporting import ConsoleReporter
     from evolm.tracking import with_tracking
 
     workers = 1 if args.no_ray else config.ray.num_workers
@@ -222,66 +223,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def stage_table(summaries: list[dict]) -> str:
+def stage_table(summaries: list) -> str:
     rows = [("stage", "test loss start -> end", "winner", "genome")]
     for s in summaries:
-        w = s["winner"]
-        rows.append((f"{s['stage']} {s['name']}", f"{s['start_loss']:.4f} -> {s['end_loss']:.4f}",
-                     w["id"], genome_text(w["values"])))
+        rows.append((f"{s.stage} {s.name}", f"{s.start_loss:.4f} -> {s.end_loss:.4f}",
+                     s.winner_id, genome_text(s.winner.get("values"))))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
-
-
-class ConsoleReporter:
-    """Progress for people: a bar of evaluations in a terminal, plain lines in logs."""
-
-    def __init__(self, stream=sys.stdout, workers: int = 1):
-        # A bar only when both streams are terminals: logs and pipes get plain lines, no control characters.
-        self.stream, self.bar, self.tty = stream, None, stream.isatty() and sys.stderr.isatty()
-        self.workers, self.busy = max(1, workers), 0.0
-
-    def _line(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
-
-    def message(self, text: str) -> None:
-        self._line(text)
-
-    def generation_start(self, stage: int, generation: int, todo: int) -> None:
-        self.started, self.busy = time.perf_counter(), 0.0
-        if self.tty and todo:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=todo, desc=f"stage {stage} gen {generation}", leave=False, file=sys.stderr,
-                            unit="eval")
-
-    def evaluation_done(self, record: dict) -> None:
-        if not record["cached"]:
-            self.busy += record.get("seconds") or 0.0
-        if self.bar is not None and not record["cached"]:
-            self.bar.update(1)
-
-    def generation_end(self, r: dict) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        fmt = lambda x: "  n/a " if x is None else f"{x:.4f}"  # noqa: E731
-        self._line(f"stage {r['stage']} {r['stage_name']} gen {r['generation']}: best {fmt(r['best'])} "
-                   f"median {fmt(r['median'])} worst {fmt(r['worst'])} | {r['evaluations']} evals, "
-                   f"{r['failed']} failed, {r['seconds']:.1f}s{self._busy(r['seconds'])}")
-
-    def _busy(self, seconds: float) -> str:
-        """Evaluation seconds / (generation wall seconds x workers): how much of the workers the search used."""
-        if not self.busy or not seconds:
-            return ""
-        return f", workers busy {100 * min(1.0, self.busy / (seconds * self.workers)):.0f}%"
-
-    def stage_end(self, s: dict) -> None:
-        self._line(f"stage {s['stage']} {s['name']} merged {s['winner']['id']}: test loss "
-                   f"{s['start_loss']:.4f} -> {s['end_loss']:.4f} ({s['evaluations']} evals, {s['seconds']:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from evolm.errors import ConfigError
+from evolm.registry import GENE_TYPES
 from evolm.space import Gene
 
 # Gene names the training loop understands; a gene outside this list would silently do nothing.
 KNOWN_GENES = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers", "learning_rate",
                "max_steps", "weight_decay", "warmup_ratio", "per_device_train_batch_size", "replay_ratio")
-OBJECTIVE_NAMES = ("val_loss", "retention_loss", "adapter_params")
 
 # LoRA targets per model family: (attention only, attention + output, all linear layers).
 TARGET_MODULES = {
@@ -143,10 +143,18 @@ class TrainingConfig(Section):
 class WinnerConfig(Section):
     """How the stage winner is picked from the hall of fame / Pareto set (never on test splits)."""
 
-    rule: Literal["min_first", "min_val_loss_within_retention"] = "min_first"
-    """min_first: lowest first objective. min_val_loss_within_retention: the lowest val_loss whose
-    retention_loss is at most (1 + epsilon) times the stage base's, else the lowest retention_loss."""
+    rule: str = "min_first"
+    """A registered winner rule (``evolm.registry.WINNER_RULES``). min_first: lowest first objective.
+    min_val_loss_within_retention: the lowest val_loss whose retention_loss is at most (1 + epsilon)
+    times the stage base's, else the lowest retention_loss."""
     epsilon: float = Field(default=0.05, ge=0)
+
+    @field_validator("rule")
+    @classmethod
+    def _registered(cls, rule: str) -> str:
+        from evolm.evolution import WINNER_RULES
+
+        return _one_of(rule, WINNER_RULES.names(), "winner rule")
 
 
 class HalvingConfig(Section):
@@ -161,9 +169,10 @@ class HalvingConfig(Section):
 
 
 class SearchConfig(Section):
-    objectives: list[Literal["val_loss", "retention_loss", "adapter_params"]] = Field(default=["val_loss"], min_length=1)
-    """What evolution minimises: one objective -> (mu + lambda); several -> NSGA-II. retention_loss is the
-    validation loss on all earlier stages (the base's own domain included)."""
+    objectives: list[str] = Field(default=["val_loss"], min_length=1)
+    """What evolution minimises: one objective -> (mu + lambda); several -> NSGA-II. A registered name
+    (val_loss, retention_loss, adapter_params, see ``evolm.objectives``) or your own ``module:function``.
+    retention_loss is the validation loss on all earlier stages (the base's own domain included)."""
     winner: WinnerConfig = Field(default_factory=WinnerConfig)
 
     population_size: int = Field(default=6, ge=2)
@@ -187,6 +196,15 @@ class SearchConfig(Section):
     """A child starts from its best parent's trained adapter (resized by SVD when ranks differ)
     instead of a fresh one; only the steps it trains itself are counted. On by default: at equal
     training steps it found better genomes than fresh adapters (benchmarks/README.md, search)."""
+
+    @field_validator("objectives")
+    @classmethod
+    def _resolvable(cls, names: list[str]) -> list[str]:
+        from evolm.objectives import resolve_objective
+
+        for name in names:
+            resolve_objective(name)  # a ValueError says what is wrong with it
+        return names
 
     @model_validator(mode="after")
     def _check(self):
@@ -229,15 +247,23 @@ class RayConfig(Section):
 class MergeConfig(Section):
     """How stage winners become the next base (see DESIGN "Merging, precisely")."""
 
-    method: Literal["best", "task_arithmetic", "ties", "dare", "dare_ties", "auto"] = "best"
-    """best: the winner alone; task_arithmetic / ties / dare / dare_ties: the dense weight deltas of the
-    top_k genomes; auto: build each candidate, score on validation splits, keep the best by the winner rule."""
+    method: str = "best"
+    """A registered merge strategy (``evolm.registry.MERGE_STRATEGIES``) or auto. best: the winner alone;
+    task_arithmetic / ties / dare / dare_ties: the dense weight deltas of the top_k genomes; auto: build
+    every strategy's merge, score each on validation splits, keep the best by the winner rule."""
     top_k: int = Field(default=1, ge=1)
     """Genomes merged (best first by the winner rule); ranks may differ."""
     weights: list[float] | None = None
     """Weight of each of the top_k deltas (default: 1 / top_k each)."""
     density: float = Field(default=0.5, gt=0, le=1)
     """ties / dare: share of each delta's entries kept."""
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        from evolm.merge import MERGE_STRATEGIES
+
+        return _one_of(method, MERGE_STRATEGIES.names() + ("auto",), "merge method")
 
     @model_validator(mode="after")
     def _check(self):
@@ -307,6 +333,12 @@ class ExperimentConfig(Section):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _one_of(name: str, known: tuple[str, ...], what: str) -> str:
+    if name not in known:
+        raise ValueError(f"unknown {what} '{name}'; use one of {', '.join(known)}")
+    return name
+
+
 def resume_differences(old: dict, new: dict) -> list[str]:
     """Fields of ``new`` that a resumed run cannot accept: anything but more generations, stages
     appended at the end, where / how wide the evaluations run (``ray``) and what is only observed
@@ -369,7 +401,7 @@ def _describe(error: dict) -> str:
     if kind == "missing":
         return f"{where}: required field is missing; add it"
     if kind.startswith("union_tag") or kind == "union_tag_invalid":
-        return f"{where}: {msg}; gene types are categorical, int, uniform, log_uniform, bool, layer_mask"
+        return f"{where}: {msg}; gene types are {', '.join(GENE_TYPES.names())}"
     msg = msg.removeprefix("Value error, ")
     if kind in ("value_error", "assertion_error"):
         return f"{where}: {msg}"
@@ -383,7 +415,7 @@ def _field_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("categorical", "int", "uniform", "log_uniform", "bool", "layer_mask"):
+        elif part in GENE_TYPES:
             continue  # the discriminator's branch name is noise in a path the user reads
         else:
             out += ("." if out else "") + str(part)

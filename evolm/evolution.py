@@ -11,18 +11,21 @@ One generation, as DEAP's (mu + lambda):
 
 With several objectives (``n_objectives > 1``) the same loop is NSGA-II: parents come from binary
 tournaments on (non-domination rank, crowding distance) and survivors from ``tools.selNSGA2``.
-``pick_winner`` then chooses the genome to merge from the Pareto front by a stated rule.
+``rank_by_rule`` then orders the hall of fame / Pareto front by a winner rule (``WINNER_RULES``).
 """
 from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deap import base, tools
 
-from evolm.config import SearchConfig
+from evolm.registry import WINNER_RULES
 from evolm.genome import Genome, make_id
+
+if TYPE_CHECKING:
+    from evolm.config import SearchConfig
 
 
 def sel_tournament(pool: list[Genome], k: int, tournsize: int, rng: random.Random) -> list[Genome]:
@@ -166,48 +169,44 @@ def fitness_summary(genomes: list[Genome]) -> dict:
 
 
 # ----- the winner of a stage ------------------------------------------------------------------
-WINNER_RULES = ("min_first", "min_val_loss_within_retention")
+# A winner rule orders genomes with finite objectives, best first:
+#     rule(genomes, objectives, settings) -> list[Genome]
+# ``settings`` is ``search.winner`` plus ``base_retention`` (the stage base's own retention loss).
 
 
 def rank_by_rule(genomes: list[Genome], objectives: list[str], rule: dict) -> list[Genome]:
-    """``genomes`` with finite objectives, best first by ``rule`` (failed genomes are left out).
-
-    ``objectives`` names the fitness values in order (e.g. ``["val_loss", "retention_loss"]``).
-    Rules (``rule["rule"]``):
-
-    - ``min_first``: lowest first objective (ties: the next objectives, then list order).
-    - ``min_val_loss_within_retention`` with ``base_retention`` (the current base model's own
-      retention loss) and ``epsilon`` (default 0.05): the genomes whose retention_loss is at most
-      (1 + epsilon) · base_retention, by val_loss; then the others, by retention_loss. So the
-      winner is the best learner that forgets at most epsilon, or else the one that forgets least.
-
-    ``rank_by_rule(...)[:top_k]`` are the winners to merge with several adapters.
-    """
+    """``genomes`` with finite objectives, best first by the winner rule ``rule["rule"]`` (failed
+    genomes are left out); ``objectives`` names the fitness values in order.
+    ``rank_by_rule(...)[:top_k]`` are the winners to merge with several adapters."""
     name = rule.get("rule")
     if name not in WINNER_RULES:
-        raise ValueError(f"winner rule '{name}' is unknown; use one of {', '.join(WINNER_RULES)}")
+        raise ValueError(f"winner rule '{name}' is unknown; use one of {', '.join(WINNER_RULES.names())}")
     ok = [g for g in genomes if g.fitness.valid and all(math.isfinite(v) for v in g.fitness.values)]
-    if name == "min_first":
-        return sorted(ok, key=lambda g: tuple(g.fitness.values))
+    return WINNER_RULES.get(name)(ok, objectives, rule)
+
+
+@WINNER_RULES.register("min_first")
+def min_first(genomes: list[Genome], objectives: list[str], rule: dict) -> list[Genome]:
+    """Lowest first objective (ties: the next objectives, then list order)."""
+    return sorted(genomes, key=lambda g: tuple(g.fitness.values))
+
+
+@WINNER_RULES.register("min_val_loss_within_retention")
+def min_val_loss_within_retention(genomes: list[Genome], objectives: list[str], rule: dict) -> list[Genome]:
+    """The genomes whose retention_loss is at most (1 + epsilon) · base_retention, by val_loss; then
+    the others, by retention_loss. So the winner is the best learner that forgets at most epsilon,
+    or else the one that forgets least."""
     missing = [o for o in ("val_loss", "retention_loss") if o not in objectives]
     if missing:
-        raise ValueError(f"winner rule '{name}' needs the objectives val_loss and retention_loss; "
-                         f"missing: {', '.join(missing)} (objectives: {objectives})")
+        raise ValueError(f"winner rule 'min_val_loss_within_retention' needs the objectives val_loss and "
+                         f"retention_loss; missing: {', '.join(missing)} (objectives: {objectives})")
     epsilon, base_retention = float(rule.get("epsilon", 0.05)), rule.get("base_retention")
     if base_retention is None or not math.isfinite(base_retention) or epsilon < 0:
-        raise ValueError(f"winner rule '{name}' needs a finite base_retention and epsilon >= 0. "
-                         f"Current values: base_retention={base_retention}, epsilon={epsilon}")
+        raise ValueError(f"winner rule 'min_val_loss_within_retention' needs a finite base_retention and "
+                         f"epsilon >= 0. Current values: base_retention={base_retention}, epsilon={epsilon}")
     v, r = objectives.index("val_loss"), objectives.index("retention_loss")
     limit = (1.0 + epsilon) * base_retention
-    within = [g for g in ok if g.fitness.values[r] <= limit]
-    beyond = [g for g in ok if g.fitness.values[r] > limit]
+    within = [g for g in genomes if g.fitness.values[r] <= limit]
+    beyond = [g for g in genomes if g.fitness.values[r] > limit]
     return (sorted(within, key=lambda g: (g.fitness.values[v], g.fitness.values[r]))
             + sorted(beyond, key=lambda g: (g.fitness.values[r], g.fitness.values[v])))
-
-
-def pick_winner(pareto: list[Genome], objectives: list[str], rule: dict) -> Genome:
-    """The genome to merge: the first of ``rank_by_rule``; refuses when every genome failed."""
-    ranked = rank_by_rule(pareto, objectives, rule)
-    if not ranked:
-        raise ValueError("no genome with finite objectives to pick a winner from (every evaluation failed)")
-    return ranked[0]

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from evolm.checkpoint import read_jsonl, write_atomic
 from evolm.genome import canonical_json
+from evolm.records import EvaluationRecord, read_records
 
 
 @dataclass
@@ -27,7 +28,7 @@ class StageLedger:
 
     run_dir: Path
     index: int
-    records: dict[tuple[int, str], dict] = field(default_factory=dict)
+    records: dict[tuple[int, str], EvaluationRecord] = field(default_factory=dict)
     """(generation, genome id) -> evaluation record."""
     cache: dict[str, dict] = field(default_factory=dict)
     """genome key -> record of the evaluation that trained it: the same genome is never trained twice."""
@@ -38,11 +39,11 @@ class StageLedger:
     @classmethod
     def read(cls, run_dir: Path, k: int) -> "StageLedger":
         ledger = cls(Path(run_dir), k)
-        for r in read_jsonl(ledger.run_dir / "evaluations.jsonl"):
-            if r["stage"] == k:
-                ledger.records[(r["generation"], r["genome_id"])] = r
-                if not r["cached"]:
-                    ledger.cache[canonical_json(r["values"])] = r | {"genome_id": r["result_of"]}
+        for r in read_records(EvaluationRecord, read_jsonl(ledger.run_dir / "evaluations.jsonl")):
+            if r.stage == k:
+                ledger.records[(r.generation, r.genome_id)] = r
+                if not r.cached:
+                    ledger.cache[canonical_json(r.values)] = r.to_json() | {"genome_id": r.source}
                     ledger.trained += 1
         for r in read_jsonl(ledger.run_dir / "rungs.jsonl"):
             if r["stage"] == k:
@@ -52,8 +53,8 @@ class StageLedger:
     def steps_before(self, generation: int | None = None) -> int:
         """Steps trained by the generations before ``generation`` (None: all of this stage's so far);
         rungs included, inherited steps not. The same before and after a resume."""
-        return sum(r.get("steps") or 0 for (g, _), r in self.records.items()
-                   if (generation is None or g < generation) and not r["cached"])
+        return sum(r.steps or 0 for (g, _), r in self.records.items()
+                   if (generation is None or g < generation) and not r.cached)
 
     def adapter_path(self, genome_id: str) -> Path:
         return self.run_dir / "adapters" / f"stage-{self.index}" / f"{genome_id}.safetensors"

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from evolm.genome import lora_config
+from evolm.registry import MERGE_STRATEGIES
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("best", "task_arithmetic", "ties", "dare", "dare_ties")
 _PEFT_PREFIX = "base_model.model."
 _LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 
@@ -183,31 +183,43 @@ def disjoint_mean(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 # ----- the merge of a stage -------------------------------------------------------------------
+# A merge strategy: (base_model, winners [(hp, adapter), ...] best first, weights, density, seed) -> model.
+# ``merge.method: auto`` tries every registered strategy.
+
+
 def merge_winners(base_model, winners: list[tuple[dict, dict]], strategy: str, weights: list[float] | None = None,
                   density: float = 0.5, seed: int = 0):
-    """The next base: ``winners`` ([(hp, adapter), ...], best first) merged into ``base_model``.
-
-    ``strategy``: one of ``STRATEGIES``. ``best`` uses the first winner alone (PEFT's
-    ``merge_and_unload``). The others combine the dense deltas of all winners, with ``weights``
-    (default: 1 / len(winners) each, i.e. the mean delta), ``density`` (ties / dare / dare_ties)
-    and ``seed`` (dare / dare_ties).
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"merge strategy '{strategy}' is unknown; use one of {', '.join(STRATEGIES)}")
+    """The next base: ``winners`` ([(hp, adapter), ...], best first) merged into ``base_model`` by
+    the strategy registered as ``strategy``. ``weights`` default to 1 / len(winners) each (the mean
+    delta); ``density`` is for ties / dare / dare_ties, ``seed`` for dare / dare_ties."""
+    if strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"merge strategy '{strategy}' is unknown; use one of {', '.join(MERGE_STRATEGIES.names())}")
     if not winners:
         raise ValueError("merge_winners needs at least one (hp, adapter) winner")
-    if strategy == "best":
-        return merge_best(base_model, *winners[0])
     weights = [1.0 / len(winners)] * len(winners) if weights is None else list(weights)
-    deltas_list = [lora_deltas(base_model, hp, adapter) for hp, adapter in winners]
-    if strategy == "task_arithmetic":
-        merged = task_arithmetic(deltas_list, weights)
-    elif strategy == "ties":
-        merged = ties(deltas_list, weights, density)
-    else:
-        merged = dare(deltas_list, weights, density, seed, use_ties=strategy == "dare_ties")
-    log.info("merged %d adapters (%s) into %d weight matrices", len(winners), strategy, len(merged))
-    return apply_deltas(base_model, merged)
+    return MERGE_STRATEGIES.get(strategy)(base_model, winners, weights, density, seed)
+
+
+@MERGE_STRATEGIES.register("best")
+def _best(base_model, winners, weights, density, seed):
+    return merge_best(base_model, *winners[0])
+
+
+def _dense_strategy(name: str, combine):
+    """A strategy that combines the winners' dense deltas with ``combine(deltas_list, weights, density, seed)``."""
+    def strategy(base_model, winners, weights, density, seed):
+        deltas_list = [lora_deltas(base_model, hp, adapter) for hp, adapter in winners]
+        merged = combine(deltas_list, weights, density, seed)
+        log.info("merged %d adapters (%s) into %d weight matrices", len(winners), name, len(merged))
+        return apply_deltas(base_model, merged)
+
+    MERGE_STRATEGIES.register(name, strategy)
+
+
+_dense_strategy("task_arithmetic", lambda d, w, density, seed: task_arithmetic(d, w))
+_dense_strategy("ties", lambda d, w, density, seed: ties(d, w, density))
+_dense_strategy("dare", lambda d, w, density, seed: dare(d, w, density, seed, use_ties=False))
+_dense_strategy("dare_ties", lambda d, w, density, seed: dare(d, w, density, seed, use_ties=True))
 
 
 def _union_keys(deltas_list: list[dict]) -> list[str]:

@@ -7,14 +7,19 @@ that becomes part of a genome's provenance.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WrapValidator, model_validator
+
+from evolm.registry import GENE_TYPES
 
 
-class _Gene(BaseModel):
+class GeneType(BaseModel):
+    """Base of gene types: subclass it with a literal ``type`` field and register it in ``GENE_TYPES``."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def sample(self, rng: random.Random) -> Any:
@@ -31,7 +36,7 @@ class _Gene(BaseModel):
         return (b, a) if rng.random() < 0.5 else (a, b)
 
 
-class Categorical(_Gene):
+class Categorical(GeneType):
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1)
     """The allowed values (any YAML value: numbers, strings, lists of module names)."""
@@ -48,7 +53,7 @@ class Categorical(_Gene):
         return value in self.choices
 
 
-class Integer(_Gene):
+class Integer(GeneType):
     type: Literal["int"]
     low: int
     high: int
@@ -84,7 +89,7 @@ class Integer(_Gene):
         return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
-class Uniform(_Gene):
+class Uniform(GeneType):
     type: Literal["uniform"]
     low: float
     high: float
@@ -106,7 +111,7 @@ class Uniform(_Gene):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
-class LogUniform(_Gene):
+class LogUniform(GeneType):
     type: Literal["log_uniform"]
     low: float
     high: float
@@ -129,7 +134,7 @@ class LogUniform(_Gene):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
-class Boolean(_Gene):
+class Boolean(GeneType):
     type: Literal["bool"]
 
     def sample(self, rng):
@@ -142,7 +147,7 @@ class Boolean(_Gene):
         return isinstance(value, bool)
 
 
-class LayerMask(_Gene):
+class LayerMask(GeneType):
     """Which transformer blocks get LoRA: one bool per block, at least one True."""
 
     type: Literal["layer_mask"]
@@ -184,7 +189,25 @@ class LayerMask(_Gene):
                 and all(isinstance(v, bool) for v in value) and any(value))
 
 
-Gene = Annotated[Union[Categorical, Integer, Uniform, LogUniform, Boolean, LayerMask], Field(discriminator="type")]
+for _cls in (Categorical, Integer, Uniform, LogUniform, Boolean, LayerMask):
+    GENE_TYPES.register(_cls.model_fields["type"].annotation.__args__[0], _cls)
+
+
+@functools.lru_cache(maxsize=8)
+def _gene_adapter(names: tuple[str, ...]) -> TypeAdapter:
+    return TypeAdapter(Annotated[Union[tuple(GENE_TYPES.get(n) for n in names)], Field(discriminator="type")])
+
+
+def _validate_gene(value: Any, handler) -> Any:
+    """A gene declaration, by the registered type its ``type`` names (registered genes included)."""
+    if isinstance(value, GeneType):
+        return value
+    return _gene_adapter(GENE_TYPES.names()).validate_python(value)
+
+
+Gene = Annotated[Any, WrapValidator(_validate_gene)]
+"""A search-space gene: any class registered in ``GENE_TYPES`` (a pydantic model with a literal
+``type`` and the operators ``sample``, ``mutate``, ``cross`` and ``contains``)."""
 
 
 def bind_layers(space: dict[str, Gene], n_layers: int) -> dict[str, Gene]:

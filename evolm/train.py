@@ -1,7 +1,9 @@
-"""fine_tune() and evaluate(): pure functions of a model, token blocks and hyperparameters.
+"""fine_tune() and evaluate(): training and measuring a model on token blocks.
 
 No Ray, no files. The same loop serves LoRA evaluations and the full pretraining stage.
-Everything random (batch order, LoRA init, dropout) comes from the given seed.
+Everything random comes from the given seed: batch order from a private generator, LoRA's
+initialisation and dropout from torch's global generator, which ``fine_tune`` seeds (so a caller's
+global torch RNG state changes; a paused training saves and restores it).
 """
 from __future__ import annotations
 
@@ -161,31 +163,29 @@ def fine_tune(base_model, blocks: np.ndarray, hp: dict, seed: int, device: torch
 
 def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: int, training: dict,
                     device: torch.device, resume: dict | None = None, stop_at: int | None = None,
-                    inherit: dict | None = None) -> dict:
+                    inherit: dict | None = None, objectives: list | None = None) -> dict:
     """One evaluation: fine-tune an adapter, then measure the objectives on validation splits.
 
     The adapter's weights come back as numpy arrays (small), so the driver can merge the winner
     without training it again. ``blocks["replay"]`` (optional): earlier stages' blocks to replay;
     ``blocks["retention"]`` (optional): earlier stages' validation blocks, for ``retention_loss``.
+    ``objectives``: ``evolm.objectives.Objective`` objects measured besides the built-in ones.
     With ``stop_at`` below ``max_steps`` the result is a rung of successive halving: its ``state``
     lets a later call (``resume``) train on from there. ``steps``: steps this adapter has trained,
     earlier rungs included (inherited training is not counted).
     """
     from peft import get_peft_model_state_dict
 
+    from evolm.objectives import EvalContext, measure_all
+
     start = time.perf_counter()
     model, curve = fine_tune(base_model, blocks["train"], hp, seed, device, blocks.get("replay"),
                              resume, stop_at, inherit)
     trained = time.perf_counter()
     state, inherited = curve.pop("state", None), curve.pop("inherited", None)
-    measure = lambda split: (evaluate(model, blocks[split], training["eval_batch_size"], training["eval_max_batches"],  # noqa: E731
-                                      device) if math.isfinite(curve["last"]) else float("nan"))
-    val_loss = measure("validation")
     adapter = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    objectives = {"val_loss": val_loss, "adapter_params": float(n_params)}
-    if "retention" in blocks:  # validation blocks of every earlier stage, the base's domain included
-        objectives["retention_loss"] = measure("retention")
-    return {"objectives": objectives, "curve": curve, "adapter": adapter, "adapter_params": n_params,
-            "steps": curve["steps"], "state": state, "inherited": inherited,
+    ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]))
+    return {"objectives": measure_all(objectives or [], ctx), "curve": curve, "adapter": adapter,
+            "adapter_params": n_params, "steps": curve["steps"], "state": state, "inherited": inherited,
             "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}

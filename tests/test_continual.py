@@ -15,7 +15,7 @@ from tests.conftest import tiny_experiment
 
 def run_tiny(corpora, run_dir, make_executor):
     config = parse_config(tiny_experiment(corpora, run_dir.parent))
-    summaries = ContinualRun(config, run_dir, make_executor).run()
+    summaries = [s.to_json() for s in ContinualRun(config, run_dir, make_executor).run()]
     return config, summaries
 
 

@@ -1,5 +1,6 @@
 """Retention as an objective, replay and multi-adapter merges in whole (tiny) runs."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ def retention_run(corpora, tmp_path_factory):
     raw["merge"] = {"method": "ties", "top_k": 2, "density": 0.5}
     raw["replay"] = {"buffer_blocks": 16}
     config = parse_config(raw)
-    summaries = ContinualRun(config, tmp / "run", lambda: LocalExecutor()).run()
+    summaries = [s.to_json() for s in ContinualRun(config, tmp / "run", lambda: LocalExecutor()).run()]
     return config, summaries, tmp / "run"
 
 
@@ -42,13 +43,52 @@ def test_two_objectives_are_measured_and_selected_with_nsga2(retention_run):
 
 
 def test_metrics_follow_the_loss_matrix(retention_run):
-    _, _, run_dir = retention_run
+    """metrics.json recomputed here, by the definitions, from loss_matrix.json alone.
+
+    L[i][j]: test loss after stage i (row 0: the base) on domain j; here column j is learned at row j."""
+    _, summaries, run_dir = retention_run
     matrix = json.loads((run_dir / "loss_matrix.json").read_text())
+    assert matrix["rows"] == ["base", "code", "qa"] and matrix["columns"] == ["general", "code", "qa"]
     assert matrix["learned_at"] == [0, 1, 2]
+    L, columns = matrix["matrix"], matrix["columns"]
+    n = len(L) - 1
+    assert n == 2 and all(len(row) == 3 and all(math.isfinite(v) for v in row) for row in L)
+    # the matrix is the record of the stages: a stage's start and end test losses are its column before and after it
+    for s in summaries:
+        k = s["stage"]
+        assert s["start_loss"] == L[k - 1][k] and s["end_loss"] == L[k][k]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["columns"] == columns and metrics["rows"] == matrix["rows"] and metrics["learned_at"] == [0, 1, 2]
+
+    # average final loss: the mean of the last row
+    average = sum(L[n]) / len(L[n])
+    assert metrics["average_final_loss"] == pytest.approx(average, rel=1e-12)
+    assert metrics["average_final_perplexity"] == pytest.approx(math.exp(average), rel=1e-12)
+    assert metrics["final_loss"] == pytest.approx({c: L[n][j] for j, c in enumerate(columns)}, rel=1e-12)
+    assert metrics["final_perplexity"] == pytest.approx({c: math.exp(L[n][j]) for j, c in enumerate(columns)},
+                                                        rel=1e-12)
+
+    # forgetting of domain j: L[n][j] - min_{i >= j} L[i][j]; never negative, 0 for the last stage
+    forgetting = {c: L[n][j] - min(L[i][j] for i in range(j, n + 1)) for j, c in enumerate(columns)}
+    assert metrics["forgetting"] == pytest.approx(forgetting, rel=1e-12, abs=1e-15)
+    assert all(v >= 0 for v in metrics["forgetting"].values()) and metrics["forgetting"]["qa"] == 0.0
+    # mean forgetting over the stages learned before the last one: here stage 1 (code) alone
+    assert metrics["mean_forgetting"] == pytest.approx(forgetting["code"], rel=1e-12, abs=1e-15)
+
+    # BWT over the stages but the last (the base's domain is in forgetting): mean_{1 <= j < n} (L[j][j] - L[n][j])
+    bwt = [L[j][j] - L[n][j] for j in range(1, n)]
+    assert metrics["backward_transfer"] == pytest.approx(sum(bwt) / len(bwt), rel=1e-12, abs=1e-15)
+
+    # FWT of stage j: the base's loss on j minus the loss of the model just before stage j; none for the base
+    fwt = {"code": L[0][1] - L[0][1], "qa": L[0][2] - L[1][2]}
+    assert metrics["forward_transfer"].pop("general") is None
+    assert metrics["forward_transfer"] == pytest.approx(fwt, rel=1e-12, abs=1e-15)
+    assert metrics["mean_forward_transfer"] == pytest.approx(fwt["qa"], rel=1e-12, abs=1e-15)  # stages 2..n
+
+    # and metrics.json is exactly what evolm.metrics makes of the matrix
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summarize(matrix, matrix["learned_at"])))
-    L = np.array(matrix["matrix"])
-    assert metrics["average_final_loss"] == pytest.approx(L[-1].mean())
 
 
 def test_replay_ratio_changes_training(corpora, tmp_path):
@@ -79,7 +119,7 @@ def test_retention_without_a_base_domain_starts_at_zero(corpora, tmp_path):
     del raw["model"]["pretrain"]
     raw["search"].update(objectives=["val_loss", "retention_loss"], generations=0,
                          winner={"rule": "min_val_loss_within_retention", "epsilon": 0.1})
-    summaries = ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()
+    summaries = [s.to_json() for s in ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()]
     assert summaries[0]["winner_objectives"]["retention_loss"] == 0.0
     assert summaries[1]["winner_objectives"]["retention_loss"] > 0.0
     evals = read_jsonl(tmp_path / "run" / "evaluations.jsonl")

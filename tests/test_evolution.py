@@ -169,31 +169,31 @@ def two_objective_genomes(points):
 
 
 def test_winner_rule_prefers_the_best_learner_that_retains():
-    from evolm.evolution import pick_winner, rank_by_rule
+    from evolm.evolution import rank_by_rule
 
     # (val_loss, retention_loss)
     genomes = two_objective_genomes({"A": (2.0, 5.0), "B": (2.5, 4.1), "C": (3.0, 3.9), "D": (1.5, 6.0),
                                      "X": (math.inf, math.inf)})
     objectives = ["val_loss", "retention_loss"]
     rule = {"rule": "min_val_loss_within_retention", "epsilon": 0.05, "base_retention": 4.0}
-    assert pick_winner(genomes, objectives, rule).id == "B"  # B and C retain within 4.2; B learns best
-    assert pick_winner(genomes, objectives, {**rule, "epsilon": 0.0}).id == "C"
-    assert pick_winner(genomes, objectives, {**rule, "base_retention": 3.0}).id == "C"  # none within: least forgetting
+    assert rank_by_rule(genomes, objectives, rule)[0].id == "B"  # B and C retain within 4.2; B learns best
+    assert rank_by_rule(genomes, objectives, {**rule, "epsilon": 0.0})[0].id == "C"
+    assert rank_by_rule(genomes, objectives, {**rule, "base_retention": 3.0})[0].id == "C"  # none within: least forgetting
     assert [g.id for g in rank_by_rule(genomes, objectives, rule)] == ["B", "C", "A", "D"]  # failed X left out
-    assert pick_winner(genomes, objectives, {"rule": "min_first"}).id == "D"
+    assert rank_by_rule(genomes, objectives, {"rule": "min_first"})[0].id == "D"
     swapped = two_objective_genomes({"A": (5.0, 2.0), "B": (4.1, 2.5), "C": (3.9, 3.0)})
-    assert pick_winner(swapped, ["retention_loss", "val_loss"], rule).id == "B"
+    assert rank_by_rule(swapped, ["retention_loss", "val_loss"], rule)[0].id == "B"
 
 
 def test_winner_rule_errors_say_what_is_missing():
-    from evolm.evolution import pick_winner
+    from evolm.evolution import rank_by_rule
 
     genomes = two_objective_genomes({"A": (1.0, 1.0)})
     with pytest.raises(ValueError, match="unknown"):
-        pick_winner(genomes, ["val_loss", "retention_loss"], {"rule": "max_vibes"})
+        rank_by_rule(genomes, ["val_loss", "retention_loss"], {"rule": "max_vibes"})
     with pytest.raises(ValueError, match="retention_loss"):
-        pick_winner(genomes, ["val_loss", "size"], {"rule": "min_val_loss_within_retention", "base_retention": 1.0})
+        rank_by_rule(genomes, ["val_loss", "size"], {"rule": "min_val_loss_within_retention", "base_retention": 1.0})
     with pytest.raises(ValueError, match="base_retention"):
-        pick_winner(genomes, ["val_loss", "retention_loss"], {"rule": "min_val_loss_within_retention"})
-    with pytest.raises(ValueError, match="every evaluation failed"):
-        pick_winner(two_objective_genomes({"X": (math.inf, 1.0)}), ["val_loss", "retention_loss"], {"rule": "min_first"})
+        rank_by_rule(genomes, ["val_loss", "retention_loss"], {"rule": "min_val_loss_within_retention"})
+    assert rank_by_rule(two_objective_genomes({"X": (math.inf, 1.0)}), ["val_loss", "retention_loss"],
+                        {"rule": "min_first"}) == []  # every evaluation failed: no winner

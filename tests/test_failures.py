@@ -1,6 +1,7 @@
 """Failures are data: evaluations that raise or diverge, workers that die, configs that are wrong."""
 import json
 import re
+import shutil
 
 import numpy as np
 import psutil
@@ -14,7 +15,7 @@ from evolm.config import parse_config
 from evolm.continual import ContinualRun, Reporter
 from evolm.errors import ConfigError
 from evolm.executor import LocalExecutor, RayExecutor
-from tests.conftest import ROOT, tiny_experiment
+from tests.conftest import tiny_experiment
 
 
 def test_raising_and_diverging_evaluations_are_recorded_and_penalized(corpora, tmp_path):
@@ -24,7 +25,7 @@ def test_raising_and_diverging_evaluations_are_recorded_and_penalized(corpora, t
         target_modules={"type": "categorical", "choices": [["c_attn"], ["no_such_module"]]},  # PEFT raises
         learning_rate={"type": "categorical", "choices": [1e-3, 1e30]})                     # diverges to NaN
     raw["training"]["max_grad_norm"] = 1e30
-    summaries = ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()
+    summaries = [s.to_json() for s in ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()]
     records = read_jsonl(tmp_path / "run" / "evaluations.jsonl")
     failed = [r for r in records if r["status"] == "failed"]
     assert any("no_such_module" in r["error"] and "Traceback" in r["traceback"] for r in failed)
@@ -45,8 +46,8 @@ class KillAWorker(Reporter):
         self.pids, self.killed = set(), []
 
     def evaluation_done(self, record):
-        pid = int(record["worker"].split(":")[1])
-        if (record["stage"], record["generation"]) == (1, 1) and not self.killed:
+        pid = int(record.worker.split(":")[1])
+        if (record.stage, record.generation) == (1, 1) and not self.killed:
             for victim in sorted(self.pids - {pid}):
                 psutil.Process(victim).kill()
                 self.killed.append(victim)
@@ -141,20 +142,142 @@ def test_a_top_level_that_is_not_a_mapping_is_a_config_error(tmp_path):
 
 # ----- safety: nothing on a load path can execute code from a results directory -----
 
-def test_no_unsafe_deserialisation_in_the_package():
-    unsafe = re.compile(r"(^|[^a-z_])(c?pickle)\.(load|loads)\(|torch\.load\((?![^)]*weights_only=True)")
-    hits = [f"{p}:{n}" for p in sorted((ROOT / "evolm").rglob("*.py"))
-            for n, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
-    assert hits == []
-    assert not any("import pickle" in p.read_text() or "import cloudpickle" in p.read_text()
-                   for p in (ROOT / "evolm").rglob("*.py"))
+PICKLE_PROTOCOL = re.compile(rb"\A\x80[\x02-\x05]")  # what pickle protocols 2-5 start with
+ZIP = b"PK\x03\x04"  # torch.save's format: a zip around a pickle
 
 
-def test_ray_dashboard_is_off_by_default_and_local_only():
+@pytest.fixture(scope="module")
+def tiny_run(corpora, tmp_path_factory):
+    """A real two-stage run, with its plots and report."""
+    from evolm.cli import main
+    from tests.tiny_runs import make_tiny_run
+
+    run_dir = make_tiny_run(corpora, tmp_path_factory.mktemp("safety") / "tiny")
+    assert main(["plot", str(run_dir)]) == 0 and main(["report", str(run_dir)]) == 0
+    return run_dir
+
+
+def _readable_without_code(path):
+    """Open ``path`` with the parser its kind asks for; return the kind."""
+    from safetensors import safe_open
+
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="numpy") as f:  # an 8-byte header size, a JSON header, raw arrays
+            assert list(f.keys()) and all(f.get_tensor(k) is not None for k in f.keys())
+        return "safetensors"
+    assert not PICKLE_PROTOCOL.match(data) and not data.startswith(ZIP), path
+    if path.suffix == ".png":
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), path
+        return "png"
+    text = data.decode("utf-8")
+    if path.suffix == ".json":
+        json.loads(text)
+    elif path.suffix == ".jsonl":
+        for line in text.splitlines():
+            json.loads(line)
+    elif path.suffix in (".yaml", ".yml"):
+        yaml.safe_load(text)
+    elif path.suffix not in (".txt", ".html", ".md", ".csv"):
+        raise AssertionError(f"{path}: a file of unknown kind in a run directory")
+    return path.suffix.lstrip(".")
+
+
+def test_a_run_directory_holds_only_data_formats(tiny_run):
+    """Every file is JSON, JSON lines, YAML, safetensors, text or PNG, and each opens with its parser."""
+    kinds = {}
+    for path in sorted(p for p in tiny_run.rglob("*") if p.is_file()):
+        kinds.setdefault(_readable_without_code(path), []).append(path.relative_to(tiny_run).as_posix())
+    assert set(kinds) <= {"json", "jsonl", "yaml", "safetensors", "png", "html", "txt"}
+    # the weights, adapters and RNG states that a library would otherwise pickle are all safetensors
+    assert {"models/stage-0/model.safetensors", "models/stage-2/model.safetensors",
+            "checkpoints/s001-end.rng.safetensors"} <= set(kinds["safetensors"])
+    assert any(p.startswith("adapters/stage-1/") for p in kinds["safetensors"])
+    assert "checkpoints/s001-end.json" in kinds["json"] and "evaluations.jsonl" in kinds["jsonl"]
+    assert kinds["png"] and kinds["html"] == ["report.html"]
+
+
+def test_resume_never_unpickles(tiny_run, tmp_path, monkeypatch):
+    """A run that died in stage 2 resumes from its stage-1 checkpoint, its models and its adapters with every
+    unpickling entry point made to fail, and ends exactly where the uninterrupted run did."""
+    import pickle
+
+    import torch
+    from safetensors.numpy import load_file
+
+    from evolm.cli import main
+
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tiny_run, crashed, ignore=shutil.ignore_patterns("plots", "report.html"))
+    for path in (crashed / "checkpoints").glob("s002-*"):
+        path.unlink()
+    shutil.rmtree(crashed / "models" / "stage-2")
+    (crashed / "summary.json").unlink()
+
+    calls = []
+
+    def refuse(name):
+        def unpickle(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called while resuming")
+        return unpickle
+
+    class NoUnpickler:
+        def __init__(self, *args, **kwargs):
+            refuse("pickle.Unpickler")()
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load"), (torch.serialization, "load")):
+        monkeypatch.setattr(module, name, refuse(f"{module.__name__}.{name}"))
+    monkeypatch.setattr(pickle, "Unpickler", NoUnpickler)
+    for optional in ("cloudpickle", "dill"):
+        try:
+            mod = __import__(optional)
+        except ImportError:
+            continue
+        for name in ("load", "loads"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, refuse(f"{optional}.{name}"))
+
+    def identity(stage):  # a model written again is a new file
+        st = (crashed / "models" / f"stage-{stage}" / "model.safetensors").stat()
+        return st.st_ino, st.st_mtime_ns
+
+    before = [identity(0), identity(1)]
+    assert main(["resume", str(crashed), "--no-ray"]) == 0
+    assert calls == []  # also those a broad except would have hidden
+    # the checkpoint itself was read, whole (its JSON state and its RNG state): the run went on from stage 2,
+    # it did not start again from scratch (which would have built and written the base and stage 1 again)
+    assert [identity(0), identity(1)] == before
+    assert json.loads((crashed / "loss_matrix.json").read_text()) == json.loads(
+        (tiny_run / "loss_matrix.json").read_text())
+    resumed = load_file(str(crashed / "models" / "stage-2" / "model.safetensors"))
+    original = load_file(str(tiny_run / "models" / "stage-2" / "model.safetensors"))
+    assert resumed.keys() == original.keys() and all(np.array_equal(resumed[k], original[k]) for k in original)
+    winners = lambda d: [s["winner"]["id"] for s in json.loads((d / "summary.json").read_text())["stages"]]  # noqa: E731
+    assert winners(crashed) == winners(tiny_run)
+
+
+def test_ray_dashboard_is_off_by_default_and_local_only(monkeypatch):
+    """What evolm asks of ray.init, seen by a stand-in for it: no dashboard, and a local-only one when asked."""
+    import ray
+
     from evolm.config import RayConfig
+    from evolm.errors import ClusterError
 
+    asked = []
+
+    def init(**kwargs):
+        asked.append(kwargs)
+        raise RuntimeError("not starting Ray in this test")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
     assert RayConfig().dashboard is False
-    assert 'dashboard_host="127.0.0.1"' in (ROOT / "evolm" / "executor.py").read_text()
+    for cfg in (RayConfig(), RayConfig(dashboard=True)):
+        with pytest.raises(ClusterError, match="cannot start or join Ray"):
+            RayExecutor(cfg)
+    assert [a["include_dashboard"] for a in asked] == [False, True]
+    assert all(a["dashboard_host"] == "127.0.0.1" and a["address"] == "local" for a in asked)
 
 
 def test_data_errors_name_the_file_and_the_fix(corpora, tmp_path):

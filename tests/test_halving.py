@@ -9,7 +9,7 @@ import torch
 from evolm.checkpoint import read_jsonl
 from evolm.config import BuildConfig, parse_config
 from evolm.continual import ContinualRun
-from evolm.evaluation import rung_steps, survivors
+from evolm.schedulers import rung_steps, survivors
 from evolm.executor import LocalExecutor
 from evolm.models import build_model
 from evolm.status import format_status, run_status
@@ -81,7 +81,7 @@ class StopAfter(LocalExecutor):
 
 
 def run(config, run_dir, executor=None):
-    return ContinualRun(config, run_dir, lambda: executor or LocalExecutor(threads=1)).run()
+    return [s.to_json() for s in ContinualRun(config, run_dir, lambda: executor or LocalExecutor(threads=1)).run()]
 
 
 def test_halving_promotes_the_best_and_counts_steps(corpora, tmp_path):

@@ -120,11 +120,12 @@ def test_parent_choice_without_the_first_objective_measured(tmp_path):
     from evolm.evaluation import GenerationEvaluator
     from evolm.genome import Genome
     from evolm.ledger import StageLedger
+    from evolm.records import EvaluationRecord
 
     ledger = StageLedger(tmp_path, 1)
     for gid in ("aa", "bb"):
-        ledger.records[(0, gid)] = {"genome_id": gid, "result_of": gid, "status": "ok", "cached": False,
-                                    "values": {"r": 4, "lora_alpha": 8}, "objectives": {"val_loss": 3.0}}
+        ledger.records[(0, gid)] = EvaluationRecord(genome_id=gid, result_of=gid, status="ok", cached=False,
+                                                    values={"r": 4, "lora_alpha": 8}, objectives={"val_loss": 3.0})
         ledger.save_adapter(gid, {"w": np.zeros((2, 2), np.float32)})
     evaluator = GenerationEvaluator(tmp_path, 1, "code", ledger, None, None, ["retention_loss", "val_loss"],
                                     {"r": 8, "lora_alpha": 16}, 0, HalvingConfig(), True)

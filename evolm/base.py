@@ -1,0 +1,124 @@
+"""The stage-0 model and the run's data: what every stage's search starts from.
+
+    prepare_base(config)  read every split, get a tokenizer and a model (built from a config, with a
+                          BPE tokenizer trained on the run's own text, or loaded), tokenize every
+                          domain, and pretrain the base on ``model.pretrain`` when the config has one
+
+Benchmarks call ``prepare_base`` too, so they measure the base a run would start from.
+Domains are the loss matrix's columns: the base's own domain first (when declared), then the stages.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evolm import data as stage_data
+from evolm.config import ExperimentConfig
+from evolm.models import build_model, load_model, train_tokenizer
+from evolm.train import evaluate, train_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Domain:
+    """One column of the loss matrix: a domain's splits as token blocks."""
+
+    name: str
+    blocks: dict[str, np.ndarray]
+
+
+@dataclass
+class Base:
+    model: object
+    tokenizer: object
+    domains: list[Domain]
+    n_base_domains: int
+    """1 when the base has a declared domain of its own (``model.pretrain``), else 0."""
+
+    def stage_domain(self, k: int) -> Domain:
+        return self.domains[self.n_base_domains + k - 1]
+
+    def domains_before(self, k: int) -> list[Domain]:
+        """Every domain the model knew before stage k (the base's own included)."""
+        return self.domains[: self.n_base_domains + k - 1]
+
+
+def read_documents(config: ExperimentConfig) -> tuple[dict | None, list[dict]]:
+    """Every split of the pretraining domain (if any) and of every stage, as documents."""
+    pretrain = stage_data.load_splits(config.model.pretrain) if config.model.pretrain else None
+    return pretrain, [stage_data.load_splits(s) for s in config.stages]
+
+
+def tokenize_domains(config: ExperimentConfig, tokenizer, pretrain_docs, stage_docs) -> list[Domain]:
+    def tok(docs, where):
+        return stage_data.tokenize_splits(docs, tokenizer, config.block_size, where)
+
+    domains = [Domain(s.name, tok(d, f"stage '{s.name}'")) for s, d in zip(config.stages, stage_docs)]
+    if pretrain_docs:
+        p = config.model.pretrain
+        domains.insert(0, Domain(p.name, tok(pretrain_docs, f"model.pretrain '{p.name}'")))
+    return domains
+
+
+def prepare_base(config: ExperimentConfig, say=log.info, pretrain_steps: int | None = None) -> Base:
+    """The stage-0 model, pretrained on ``model.pretrain`` when the config has it (``pretrain_steps``
+    overrides its ``max_steps``), and every domain."""
+    base = load_base(config, say)
+    if config.model.pretrain:
+        pretrain(base, config, say, pretrain_steps)
+    return base
+
+
+def load_base(config: ExperimentConfig, say=log.info, model_dir: str | None = None) -> Base:
+    """Every domain and the model before pretraining: built, loaded from ``model.name_or_path``, or
+    from ``model_dir`` (a resumed run's current base). All user input is read and checked here."""
+    pretrain_docs, stage_docs = read_documents(config)
+    if model_dir is not None:
+        model, tokenizer = load_model(model_dir)
+    elif config.model.build:
+        corpus = pretrain_docs["train"] if pretrain_docs else [d for s in stage_docs for d in s["train"]]
+        say(f"training a {config.model.build.vocab_size}-token BPE tokenizer on {len(corpus)} documents")
+        tokenizer = train_tokenizer(corpus, config.model.build.vocab_size)
+        model = build_model(config.model.build, len(tokenizer), config.block_size, config.seed)
+    else:
+        model, tokenizer = load_model(config.model.name_or_path)
+    model.eval()
+    return Base(model, tokenizer, tokenize_domains(config, tokenizer, pretrain_docs, stage_docs),
+                1 if config.model.pretrain else 0)
+
+
+def pretrain(base: Base, config: ExperimentConfig, say=log.info, max_steps: int | None = None) -> None:
+    """A full fine-tune of the base on its own domain (``model.pretrain``)."""
+    p = config.model.pretrain
+    hp = p.model_dump() | {"max_grad_norm": 1.0}
+    if max_steps is not None:
+        hp["max_steps"] = max_steps
+    if hp["max_steps"] <= 0:
+        return
+    say(f"pretraining the base on '{p.name}' for {hp['max_steps']} steps")
+    start = time.perf_counter()
+    curve = with_fixed_threads(train_loop, base.model, base.domains[0].blocks["train"], hp, config.seed,
+                               torch.device("cpu"))
+    say(f"pretraining: loss {curve['first']:.3f} -> {curve['tail_mean']:.3f} in {time.perf_counter() - start:.0f}s")
+
+
+def test_losses(model, domains: list[Domain], eval_batch_size: int) -> list[float]:
+    """Test loss on each domain, never capped: the loss matrix is the record."""
+    return [evaluate(model, d.blocks["test"], eval_batch_size, None) for d in domains]
+
+
+def with_fixed_threads(fn, *args, **kwargs):
+    """``fn`` with as many torch threads as CPUs: the driver's own work (pretraining, merges, test
+    losses) then gives the same floating-point results whatever ran before in the process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)

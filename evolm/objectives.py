@@ -1,0 +1,103 @@
+"""What an evaluation measures: built-in objectives and the user's own.
+
+An objective is a function of an ``EvalContext`` (the trained model, the stage's validation blocks,
+the evaluation settings) that returns a number. evolm minimises every objective; one declared
+``maximize`` is stored negated. Objectives run where the evaluation runs (a Ray worker): the
+driver resolves the names once and ships the objects with the stage.
+
+    search:
+      objectives: [val_loss, mypkg.metrics:distinct_tokens]   # a registered name, or module:function
+
+A ``module:function`` objective may set ``function.direction = "maximize"``. It is code the user
+chose to run, imported in the driver and on every worker.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from evolm.registry import OBJECTIVES
+
+DIRECTIONS = ("minimize", "maximize")
+
+
+@dataclass
+class EvalContext:
+    model: object
+    """The trained PEFT model (eval mode)."""
+    blocks: dict[str, np.ndarray]
+    """``validation``, and ``retention`` (earlier domains' validation blocks) when the stage has one."""
+    training: dict
+    device: object
+    adapter_params: int
+    trained_ok: bool
+    """False when training stopped on a non-finite loss: loss objectives are then NaN."""
+
+    def loss(self, split: str) -> float:
+        """Mean next-token loss on ``blocks[split]``, within ``training.eval_max_batches``."""
+        from evolm.train import evaluate
+
+        if not self.trained_ok:
+            return float("nan")
+        return evaluate(self.model, self.blocks[split], self.training["eval_batch_size"],
+                        self.training["eval_max_batches"], self.device)
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    measure: Callable[[EvalContext], float]
+    direction: str = "minimize"
+    needs: str | None = None
+    """A block set the objective needs (``retention``); without it the objective is not measured."""
+
+    def value(self, ctx: EvalContext) -> float:
+        """The measured number in evolm's direction (lower is better); refuses a non-number."""
+        raw = self.measure(ctx)
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, np.floating, np.integer)):
+            raise TypeError(f"objective '{self.name}' returned {raw!r} ({type(raw).__name__}), not a number")
+        raw = float(raw)
+        return -raw if self.direction == "maximize" else raw
+
+
+OBJECTIVES.register("val_loss", Objective("val_loss", lambda ctx: ctx.loss("validation")))
+OBJECTIVES.register("retention_loss", Objective("retention_loss", lambda ctx: ctx.loss("retention"),
+                                                needs="retention"))
+OBJECTIVES.register("adapter_params", Objective("adapter_params", lambda ctx: float(ctx.adapter_params)))
+ALWAYS_MEASURED = ("val_loss", "adapter_params", "retention_loss")
+"""Recorded for every evaluation (retention_loss where the stage has earlier domains), whatever the search uses."""
+
+
+def resolve_objective(name: str) -> Objective:
+    """A registered objective, or ``module:function`` imported; ValueError says what is wrong."""
+    if name in OBJECTIVES:
+        return OBJECTIVES.get(name)
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"unknown objective '{name}'; use one of {', '.join(OBJECTIVES.names())} "
+                         f"or an importable module:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"objective '{name}' cannot be imported ({type(exc).__name__}: {exc}); check the "
+                         f"module is installed or on PYTHONPATH and defines {attr}") from None
+    if not callable(fn):
+        raise ValueError(f"objective '{name}' is not a function")
+    direction = getattr(fn, "direction", "minimize")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"objective '{name}': direction must be one of {DIRECTIONS}, not {direction!r}")
+    return Objective(name, fn, direction)
+
+
+def measure_all(requested: list[Objective], ctx: EvalContext) -> dict[str, float]:
+    """The always-measured objectives, then the requested ones, by name."""
+    wanted = [OBJECTIVES.get(n) for n in ALWAYS_MEASURED] + [o for o in requested if o.name not in ALWAYS_MEASURED]
+    return {o.name: o.value(ctx) for o in wanted if o.needs is None or o.needs in ctx.blocks}
+
+
+def is_finite(values: dict[str, float]) -> bool:
+    return all(math.isfinite(v) for v in values.values())

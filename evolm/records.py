@@ -1,0 +1,141 @@
+"""The records a run writes and reads back: one typed class per kind, one place that knows the keys.
+
+    EvaluationRecord   a line of evaluations.jsonl   one genome, one generation: what it measured
+    GenerationRecord   a line of generations.jsonl   fitness statistics of one generation
+    StageSummary       an entry of summary.json      one stage's winner, merge and test losses
+
+The run writes them (``to_json``); status, plots, the report, lineage, importance and tracking
+read them (``from_json``), which accepts records of older versions and damaged files: a missing
+key takes its default, an unknown key is ignored. See docs/design.md, "Files of a run directory".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+class _Record:
+    @classmethod
+    def from_json(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvaluationRecord(_Record):
+    """One genome in one generation; ``cached`` records reuse the result of ``result_of``."""
+
+    stage: int = 0
+    stage_name: str = ""
+    generation: int = 0
+    genome_id: str = ""
+    values: dict = field(default_factory=dict)
+    parents: list = field(default_factory=list)
+    ops: list = field(default_factory=list)
+    objectives: dict | None = None
+    """Objective name -> value (internal direction: lower is better); None when it failed."""
+    status: str = "ok"
+    error: str | None = None
+    traceback: str | None = None
+    curve: dict | None = None
+    adapter_params: int | None = None
+    steps: int | None = None
+    """Steps this evaluation trained (0 for a cached twin; inherited training not counted)."""
+    rung: int | None = None
+    halted: bool = False
+    """Stopped by successive halving before its max_steps."""
+    inherited: dict | None = None
+    seconds: float | None = None
+    train_seconds: float | None = None
+    worker: str | None = None
+    node: str | None = None
+    cached: bool = False
+    result_of: str | None = None
+    seed: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def objective(self, name: str) -> float | None:
+        """A finite objective value of an ok evaluation, else None."""
+        if not self.ok:
+            return None
+        v = (self.objectives or {}).get(name)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.objective("val_loss")
+
+    @property
+    def source(self) -> str:
+        """The genome whose training produced this record's result."""
+        return self.result_of or self.genome_id
+
+
+@dataclass
+class GenerationRecord(_Record):
+    stage: int = 0
+    stage_name: str = ""
+    generation: int = 0
+    best: float | None = None
+    median: float | None = None
+    worst: float | None = None
+    """best / median / worst first objective of the population (None: not finite)."""
+    evaluations: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    population: list = field(default_factory=list)
+
+
+@dataclass
+class StageSummary(_Record):
+    stage: int = 0
+    name: str = ""
+    start_loss: float | None = None
+    end_loss: float | None = None
+    """Test loss on this stage's domain before and after its merge."""
+    winner: dict = field(default_factory=dict)
+    """The winning genome (id, values, parents, ops, born) and ``result_of``."""
+    winner_objectives: dict = field(default_factory=dict)
+    winner_val_loss: float | None = None
+    merge_method: str = ""
+    merged: list = field(default_factory=list)
+    evaluations: int = 0
+    """Evaluations trained in this stage (cached twins and records from before a resume not counted twice)."""
+    steps: int = 0
+    hall_of_fame: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def winner_id(self) -> str | None:
+        return self.winner.get("id") if isinstance(self.winner, dict) else None
+
+
+def trained_evaluations(records: list[EvaluationRecord]) -> list[EvaluationRecord]:
+    """The one definition of "an evaluation" for every count: a fine-tune that really ran. Records
+    served from the cache are left out, and so are repeats of one result (same stage and source)."""
+    seen, out = set(), []
+    for e in records:
+        key = (e.stage, e.source)
+        if not e.cached and key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def utilisation(evaluation_seconds: float, wall_seconds: float, workers: int) -> float | None:
+    """Share of the workers' time spent evaluating: evaluation seconds / (wall seconds x workers)."""
+    if not wall_seconds or not evaluation_seconds:
+        return None
+    return min(1.0, evaluation_seconds / (wall_seconds * max(1, workers)))
+
+
+def read_records(cls, rows: list[Any]) -> list:
+    """Typed records of JSON rows; rows that are not objects (a damaged file) are skipped."""
+    return [cls.from_json(r) for r in rows if isinstance(r, dict)]

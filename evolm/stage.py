@@ -1,0 +1,99 @@
+"""One stage's search as a plain loop, in the style of DEAP's ``eaMuPlusLambda``.
+
+    evolve_stage(population, evolution, evaluate, budget, hooks):
+        if the stage starts: evaluate(population)          the carried population, on the new stage
+        for gen in 1..G:
+            if budget.exhausted(gen): stop
+            offspring  = evolution.vary(population)
+            evaluate(offspring)                           only genomes without a valid fitness
+            population = evolution.select(population + offspring)
+            hooks.checkpoint(gen, population)
+
+``evaluate`` fills fitness and the hall of fame (``GenerationStep``); the conductor
+(``evolm.continual``) supplies the checkpoint. A resumed stage enters at ``first_gen``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from evolm.checkpoint import append_jsonl
+from evolm.evolution import Evolution, fitness_summary
+from evolm.genome import Genome
+from evolm.ledger import StageLedger
+from evolm.records import GenerationRecord
+
+
+@dataclass
+class StepBudget:
+    """``search.step_budget``: no generation starts once the stage's evaluations trained ``limit`` steps.
+    Decided on earlier generations only, so a resumed run decides the same."""
+
+    limit: int | None
+    ledger: StageLedger
+
+    def exhausted(self, gen: int) -> str | None:
+        """Why generation ``gen`` may not start, or None."""
+        spent = self.ledger.steps_before(gen)  # a resume may already hold part of generation gen
+        if self.limit is not None and spent >= self.limit:
+            return f"step budget spent ({spent} of {self.limit} steps) after generation {gen - 1}"
+        return None
+
+
+@dataclass
+class StageHooks:
+    checkpoint: Callable[[int, list[Genome]], None]
+    """After every generation: (generation, population)."""
+    message: Callable[[str], None]
+
+
+def evolve_stage(population: list[Genome], evolution: Evolution, evaluate: Callable, budget: StepBudget,
+                 hooks: StageHooks, stage: int, generations: int, first_gen: int = 0) -> list[Genome]:
+    """The stage's final population; see the module docstring."""
+    if first_gen == 0:
+        for g in population:  # same genomes, new stage: their fitness must be measured again
+            del g.fitness.values
+        evaluate(0, population, population)
+        hooks.checkpoint(0, population)
+    for gen in range(max(1, first_gen), generations + 1):
+        why = budget.exhausted(gen)
+        if why:
+            hooks.message(why)
+            break
+        offspring = evolution.vary(population, stage, gen)
+        evaluate(gen, offspring, population + offspring)
+        population = evolution.select(population + offspring)
+        hooks.checkpoint(gen, population)
+    return population
+
+
+@dataclass
+class GenerationStep:
+    """evaluate(gen, new, everyone): fitness for the new genomes, the hall of fame updated with
+    everyone, one line in ``generations.jsonl``."""
+
+    run_dir: Path
+    stage: int
+    stage_name: str
+    evaluator: object
+    """``evolm.evaluation.GenerationEvaluator``."""
+    hall_of_fame: object
+    reporter: object
+
+    def __call__(self, gen: int, new: list[Genome], everyone: list[Genome]) -> None:
+        start = time.perf_counter()
+        # Tournaments pick with replacement, so one genome may stand in a population several times.
+        todo = list({g.id: g for g in new if not g.fitness.valid}.values())
+        self.reporter.generation_start(self.stage, gen, len(todo))
+        self.evaluator.evaluate(gen, todo)
+        self.hall_of_fame.update(everyone)
+        record = GenerationRecord(stage=self.stage, stage_name=self.stage_name, generation=gen,
+                                  **fitness_summary(everyone), evaluations=len(todo),
+                                  failed=sum(1 for g in todo if not np.isfinite(g.fitness.values[0])),
+                                  seconds=time.perf_counter() - start, population=[g.id for g in everyone])
+        append_jsonl(self.run_dir / "generations.jsonl", record.to_json())
+        self.reporter.generation_end(record)

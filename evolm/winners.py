@@ -1,0 +1,72 @@
+"""A stage's winners become the next base.
+
+    ranked  = rank_by_rule(hall of fame, winner rule)     failed genomes left out
+    chosen  = ranked[:merge.top_k]                         their adapters, from the ledger
+    base'   = merge(base, chosen) by merge.method          ``auto``: every registered strategy's merge,
+                                                           scored on validation splits, best by the rule
+The merge math is in ``evolm.merge``; see docs/design.md, "Merging, precisely".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evolm.config import MergeConfig
+from evolm.errors import EvolmError
+from evolm.evolution import rank_by_rule
+from evolm.genome import Genome, hyperparameters
+from evolm.ledger import StageLedger
+from evolm.merge import merge_winners
+from evolm.registry import MERGE_STRATEGIES
+
+
+@dataclass
+class Winners:
+    genomes: list[Genome]
+    """Best first."""
+    sources: list[str]
+    """The genome whose training made each winner's adapter (a cached twin points to its source)."""
+    weights: list[float] | None
+
+
+def choose_winners(hof, objectives: list[str], rule: dict, merge: MergeConfig, ledger: StageLedger,
+                   stage_name: str, say) -> Winners:
+    ranked = rank_by_rule(list(hof), objectives, rule)
+    if not ranked:
+        errors = [r.get("error") for r in ledger.cache.values() if r.get("error")]
+        raise EvolmError(f"stage '{stage_name}': every evaluation failed (first error: {errors[:1]}); "
+                         f"see evaluations.jsonl")
+    chosen = ranked[: merge.top_k]
+    weights = merge.weights
+    if weights is not None and len(chosen) < len(weights):  # fewer finished genomes than top_k
+        weights = [w / sum(weights[: len(chosen)]) for w in weights[: len(chosen)]]
+        say(f"stage '{stage_name}': only {len(chosen)} genomes to merge; weights {weights}")
+    return Winners(chosen, [ledger.cache[g.key()]["genome_id"] for g in chosen], weights)
+
+
+def merge_candidates(base_model, winners: Winners, ledger: StageLedger, training: dict, merge: MergeConfig,
+                     seed: int) -> list[tuple[str, object]]:
+    """(method, merged model) for ``merge.method``, or for every registered strategy with ``auto``."""
+    adapters = [(hyperparameters(g.values, training), ledger.load_adapter(src))
+                for g, src in zip(winners.genomes, winners.sources)]
+    methods = list(MERGE_STRATEGIES.names()) if merge.method == "auto" else [merge.method]
+    return [(m, merge_winners(base_model, adapters, m, winners.weights, merge.density, seed)) for m in methods]
+
+
+def best_merge(candidates: list[tuple[str, object]], measure, objectives: list[str], rule: dict,
+               fitness_class, say) -> tuple[str, object]:
+    """``auto``: the candidate whose validation objectives (``measure(model)`` -> {name: value}) rank
+    first by the winner rule."""
+    if len(candidates) == 1:
+        return candidates[0]
+    scored = []
+    for method, model in candidates:
+        g = Genome(values={}, id=method, fitness=fitness_class())
+        values = measure(model)
+        g.fitness.values = tuple(values.get(o, 0.0) for o in objectives)  # an objective unknown to a merge: neutral
+        scored.append((g, (method, model)))
+    ranked = rank_by_rule([g for g, _ in scored], objectives, rule)
+    if not ranked:
+        raise EvolmError("merge.method auto: every candidate merge gave a non-finite validation loss")
+    method, model = next(c for g, c in scored if g is ranked[0])
+    say(f"auto merge: {method} chosen among {', '.join(m for m, _ in candidates)}")
+    return method, model
