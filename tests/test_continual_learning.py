@@ -23,7 +23,7 @@ def retention_run(corpora, tmp_path_factory):
     raw["merge"] = {"method": "ties", "top_k": 2, "density": 0.5}
     raw["replay"] = {"buffer_blocks": 16}
     config = parse_config(raw)
-    summaries = ContinualRun(config, tmp / "run", lambda: LocalExecutor()).run()
+    summaries = [s.to_json() for s in ContinualRun(config, tmp / "run", lambda: LocalExecutor()).run()]
     return config, summaries, tmp / "run"
 
 
@@ -119,7 +119,7 @@ def test_retention_without_a_base_domain_starts_at_zero(corpora, tmp_path):
     del raw["model"]["pretrain"]
     raw["search"].update(objectives=["val_loss", "retention_loss"], generations=0,
                          winner={"rule": "min_val_loss_within_retention", "epsilon": 0.1})
-    summaries = ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()
+    summaries = [s.to_json() for s in ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()]
     assert summaries[0]["winner_objectives"]["retention_loss"] == 0.0
     assert summaries[1]["winner_objectives"]["retention_loss"] > 0.0
     evals = read_jsonl(tmp_path / "run" / "evaluations.jsonl")

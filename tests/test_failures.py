@@ -25,7 +25,7 @@ def test_raising_and_diverging_evaluations_are_recorded_and_penalized(corpora, t
         target_modules={"type": "categorical", "choices": [["c_attn"], ["no_such_module"]]},  # PEFT raises
         learning_rate={"type": "categorical", "choices": [1e-3, 1e30]})                     # diverges to NaN
     raw["training"]["max_grad_norm"] = 1e30
-    summaries = ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()
+    summaries = [s.to_json() for s in ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()]
     records = read_jsonl(tmp_path / "run" / "evaluations.jsonl")
     failed = [r for r in records if r["status"] == "failed"]
     assert any("no_such_module" in r["error"] and "Traceback" in r["traceback"] for r in failed)
@@ -46,8 +46,8 @@ class KillAWorker(Reporter):
         self.pids, self.killed = set(), []
 
     def evaluation_done(self, record):
-        pid = int(record["worker"].split(":")[1])
-        if (record["stage"], record["generation"]) == (1, 1) and not self.killed:
+        pid = int(record.worker.split(":")[1])
+        if (record.stage, record.generation) == (1, 1) and not self.killed:
             for victim in sorted(self.pids - {pid}):
                 psutil.Process(victim).kill()
                 self.killed.append(victim)
