@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -20,9 +21,55 @@ import torch
 from evolm.config import RayConfig
 from evolm.errors import ClusterError
 from evolm.models import ModelPayload
+from evolm.registry import EXECUTORS
 from evolm.train import evaluate_genome, pick_device
 
 log = logging.getLogger(__name__)
+TRACEBACK_CHARS = 4000
+"""A failure record keeps at most about this much traceback (of each chained exception, the end)."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exceptions chained by ``raise ... from`` or raised while handling another, innermost first."""
+    chain = [exc]
+    while True:
+        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if inner is None or any(inner is e for e in chain) or len(chain) >= 8:
+            return chain[::-1]
+        chain.append(inner)
+        exc = inner
+
+
+def _describe(exc: BaseException, limit: int = 1000) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _bounded(text: str, limit: int = TRACEBACK_CHARS) -> str:
+    """Its start and, larger, its end (the innermost frames and the message)."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit // 5, limit - limit // 5
+    return f"{text[:head]}\n... [{len(text) - head - tail} characters cut] ...\n{text[-tail:]}"
+
+
+def _failure(exc: BaseException, traceback_text: str | None = None) -> dict:
+    """``error`` and ``traceback`` of a failure record: the root cause's type and message first
+    (what went wrong, not only the wrapper that passed it on), and a bounded traceback."""
+    chain = _chain(exc)
+    root = chain[0]
+    error = _describe(root) if root is exc else f"{_describe(root)} (raised as {_describe(exc, 300)})"
+    if traceback_text is None:
+        parts = []
+        for inner, outer in zip(chain, chain[1:] + [None]):
+            parts.append(_bounded("".join(traceback.format_exception(inner, chain=False, limit=-8)),
+                                  TRACEBACK_CHARS // len(chain)))
+            if outer is not None:
+                parts.append("\nThe above exception was the direct cause of the following exception:\n\n"
+                             if outer.__cause__ is inner else
+                             "\nDuring handling of the above exception, another exception occurred:\n\n")
+        traceback_text = "".join(parts)
+    return {"error": error, "traceback": _bounded(traceback_text)}
 
 
 @dataclass
@@ -46,6 +93,8 @@ class StagePayload:
     model: ModelPayload
     blocks: dict
     training: dict
+    objectives: list = field(default_factory=list)
+    """``evolm.objectives.Objective`` objects to measure besides the built-in ones (run on the worker)."""
 
 
 class _StageRunner:
@@ -68,7 +117,7 @@ class _StageRunner:
         try:
             result = evaluate_genome(self.model, self.stage.blocks, request.hp, request.seed,
                                      self.stage.training, self.device, request.resume, request.stop_at,
-                                     request.inherit)
+                                     request.inherit, self.stage.objectives)
             bad = {k: v for k, v in result["objectives"].items() if not math.isfinite(v)}
             if bad:
                 what = ", ".join(f"{k}={v}" for k, v in bad.items())
@@ -78,8 +127,7 @@ class _StageRunner:
         except Exception as exc:  # noqa: BLE001 - any failure of one genome is recorded, not raised
             if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                      "traceback": traceback.format_exc(limit=8), "objectives": {}, "adapter": None}
+            result = {"status": "failed", **_failure(exc), "objectives": {}, "adapter": None}
         result.update(genome_id=request.genome_id, seconds=time.perf_counter() - start, worker=self.worker,
                       node=self.node)
         return result
@@ -171,9 +219,15 @@ class RayExecutor:
         try:
             return ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            # the worker died more often than max_retries, or failed outside the evaluation (loading the stage)
-            what = "worker died" if isinstance(exc, ray.exceptions.RayActorError) else "worker failed"
-            return {"status": "failed", "error": f"{what}: {str(exc).splitlines()[0]}", "objectives": {},
+            # the worker died more often than max_retries, or failed outside the evaluation
+            failure = {"error": f"worker died: {str(exc).splitlines()[0]}"}
+            if isinstance(exc, ray.exceptions.RayTaskError):  # record the worker's exception, not Ray's wrapper
+                cause = exc
+                while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(cause.cause, BaseException):
+                    cause = cause.cause
+                failure = _failure(cause, re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
+                failure["error"] = f"worker failed: {failure['error']}"
+            return {"status": "failed", **failure, "objectives": {},
                     "adapter": None, "genome_id": request.genome_id, "seconds": 0.0, "worker": None}
 
     def close(self) -> None:
@@ -189,7 +243,15 @@ class _RayWorker:
 
     def run(self, stage_key: str, stage_ref: list, request: EvalRequest) -> dict:
         if stage_key != self.runner.key:
-            self.runner.load(self._ray().get(stage_ref[0]))
+            start = time.perf_counter()
+            try:
+                self.runner.load(self._ray().get(stage_ref[0]))
+            except Exception as exc:  # noqa: BLE001 - recorded here, where the exception chain is whole
+                failure = _failure(exc)
+                return {"status": "failed", "error": f"loading the stage failed: {failure['error']}",
+                        "traceback": failure["traceback"], "objectives": {}, "adapter": None,
+                        "genome_id": request.genome_id, "seconds": time.perf_counter() - start,
+                        "worker": self.runner.worker, "node": self.runner.node}
         return self.runner.run(request)
 
     @staticmethod
@@ -197,3 +259,8 @@ class _RayWorker:
         import ray
 
         return ray
+
+
+# An executor factory: (RayConfig, address) -> an object with set_stage, map, close and ``workers``.
+EXECUTORS.register("local", lambda cfg, address=None: LocalExecutor(threads=max(1, int(cfg.num_cpus_per_trial))))
+EXECUTORS.register("ray", lambda cfg, address=None: RayExecutor(cfg, address=address, workers=cfg.num_workers))
