@@ -2,15 +2,14 @@
 
 No Ray, no files. The same loop serves LoRA evaluations and the full pretraining stage.
 Everything random comes from the given seed: batch order from a private generator, LoRA's
-initialisation and dropout from torch's global generator, which ``fine_tune`` seeds (so a caller's
+initialisation and dropout from torch's global generator, which ``adapter_on`` seeds (so a caller's
 global torch RNG state changes; a paused training saves and restores it).
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -136,21 +135,33 @@ def evaluate(model, blocks: np.ndarray, batch_size: int, max_batches: int | None
     return total / count
 
 
-def fine_tune(base_model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
+@contextmanager
+def adapter_on(base_model, hp: dict, seed: int, device: torch.device):
+    """``base_model`` with a fresh LoRA adapter injected in place (no copy of the base): the PEFT
+    model. On exit the adapter is removed again (``unload``), leaving the base's weights as they were:
+    the adapter never writes into them. LoRA's A matrices are drawn from torch's global generator,
+    seeded here."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(base_model, lora_config(hp)).to(device)
+    try:
+        yield model
+    finally:
+        model.unload()
+
+
+def fine_tune(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
               replay: np.ndarray | None = None, resume: dict | None = None, stop_at: int | None = None,
-              inherit: dict | None = None):
-    """A LoRA adapter trained on a private copy of ``base_model``; returns (peft model, curve).
+              inherit: dict | None = None) -> dict:
+    """Train the adapter of ``model`` (from ``adapter_on``); returns the training curve.
 
     ``inherit`` (``{"adapter": arrays, "hp": parent hyperparameters}``): start from a parent's
     trained adapter instead of a fresh one (``evolm.inherit``); ``curve["inherited"]`` says what was
     taken. ``resume`` / ``stop_at``: see ``train_loop``.
     """
-    from peft import get_peft_model
-
     from evolm.inherit import inherit_adapter
 
-    torch.manual_seed(seed)  # LoRA's A matrices are initialised from the global generator
-    model = get_peft_model(copy.deepcopy(base_model), lora_config(hp)).to(device)
     inherited = None
     if inherit is not None and resume is None:  # a resumed training already holds its own weights
         inherited = {k: v for k, v in inherit.items() if k not in ("adapter", "hp")}  # who it came from
@@ -158,13 +169,14 @@ def fine_tune(base_model, blocks: np.ndarray, hp: dict, seed: int, device: torch
     curve = train_loop(model, blocks, hp, seed, device, replay, resume, stop_at)
     if inherited is not None:
         curve["inherited"] = inherited
-    return model, curve
+    return curve
 
 
 def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: int, training: dict,
                     device: torch.device, resume: dict | None = None, stop_at: int | None = None,
                     inherit: dict | None = None, objectives: list | None = None) -> dict:
-    """One evaluation: fine-tune an adapter, then measure the objectives on validation splits.
+    """One evaluation: fine-tune an adapter on ``base_model`` (in place, removed afterwards), then
+    measure the objectives on validation splits.
 
     The adapter's weights come back as numpy arrays (small), so the driver can merge the winner
     without training it again. ``blocks["replay"]`` (optional): earlier stages' blocks to replay;
@@ -179,13 +191,14 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
     from evolm.objectives import EvalContext, measure_all
 
     start = time.perf_counter()
-    model, curve = fine_tune(base_model, blocks["train"], hp, seed, device, blocks.get("replay"),
-                             resume, stop_at, inherit)
-    trained = time.perf_counter()
-    state, inherited = curve.pop("state", None), curve.pop("inherited", None)
-    adapter = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]))
-    return {"objectives": measure_all(objectives or [], ctx), "curve": curve, "adapter": adapter,
+    with adapter_on(base_model, hp, seed, device) as model:
+        curve = fine_tune(model, blocks["train"], hp, seed, device, blocks.get("replay"), resume, stop_at, inherit)
+        trained = time.perf_counter()
+        state, inherited = curve.pop("state", None), curve.pop("inherited", None)
+        adapter = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]))
+        objectives = measure_all(objectives or [], ctx)
+    return {"objectives": objectives, "curve": curve, "adapter": adapter,
             "adapter_params": n_params, "steps": curve["steps"], "state": state, "inherited": inherited,
             "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}

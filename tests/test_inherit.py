@@ -15,7 +15,7 @@ from evolm.genome import lora_config
 from evolm.inherit import inherit_adapter, resize_pair
 from evolm.lineage import ancestry
 from evolm.models import build_model
-from evolm.train import evaluate_genome, fine_tune
+from evolm.train import adapter_on, evaluate_genome, fine_tune
 from tests.conftest import tiny_experiment
 
 RNG = np.random.default_rng(0)
@@ -80,10 +80,14 @@ def test_child_model_starts_from_the_parent_update(base):
 
 def test_inheriting_changes_where_training_starts(base):
     data = np.random.default_rng(2).integers(0, 300, size=(24, 16)).astype(np.int32)
-    parent, _ = fine_tune(base, data, HP, 1, torch.device("cpu"))
-    arrays = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(parent).items()}
-    _, fresh = fine_tune(base, data, HP, 2, torch.device("cpu"))
-    _, inherited = fine_tune(base, data, HP, 2, torch.device("cpu"), inherit={"adapter": arrays, "hp": HP, "from": "p"})
+    cpu = torch.device("cpu")
+    with adapter_on(base, HP, 1, cpu) as parent:
+        fine_tune(parent, data, HP, 1, cpu)
+        arrays = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(parent).items()}
+    with adapter_on(base, HP, 2, cpu) as model:
+        fresh = fine_tune(model, data, HP, 2, cpu)
+    with adapter_on(base, HP, 2, cpu) as model:
+        inherited = fine_tune(model, data, HP, 2, cpu, inherit={"adapter": arrays, "hp": HP, "from": "p"})
     assert inherited["inherited"]["from"] == "p" and inherited["inherited"]["modules_shared"] == 1
     assert inherited["first"] < fresh["first"]  # the first batch already sees the parent's learning
 

@@ -6,7 +6,7 @@ import torch
 from evolm.config import BuildConfig
 from evolm.models import build_model
 from evolm.replay import ReplayBuffer, mix_batch_indices, replay_counts, replay_mix
-from evolm.train import fine_tune
+from evolm.train import adapter_on, fine_tune
 
 
 def numbered_blocks(n, block_size=4, start=0):
@@ -87,8 +87,9 @@ def base():
 
 def train(base, replay=None, **hp):
     data = np.random.default_rng(0).integers(0, 300, size=(12, 16)).astype(np.int32)
-    model, curve = fine_tune(base, data, {**HP, **hp}, seed=3, device=torch.device("cpu"), replay=replay)
-    return curve, {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+    with adapter_on(base, {**HP, **hp}, 3, torch.device("cpu")) as model:
+        curve = fine_tune(model, data, {**HP, **hp}, seed=3, device=torch.device("cpu"), replay=replay)
+        return curve, {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
 
 
 def test_train_loop_without_replay_is_unchanged(base):

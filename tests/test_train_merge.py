@@ -95,3 +95,23 @@ def test_evaluate_is_the_mean_token_loss(tokenizer):
     split = evaluate(base, data, batch_size=3)
     assert whole == pytest.approx(split, rel=1e-5)
     assert whole == pytest.approx(np.log(len(tokenizer)), rel=0.2)  # an untrained model is near uniform
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_an_evaluation_leaves_the_base_exactly_as_it_was(family, tokenizer):
+    """The adapter is injected into the base in place (no copy), trained, read out and removed."""
+    import copy
+
+    base = tiny(family, tokenizer)
+    before = copy.deepcopy(base.state_dict())
+    modules = [type(m).__name__ for m in base.modules()]
+    hp = hyperparameters({}, training_for(family))
+    first = evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp, 1, hp, torch.device("cpu"))
+    with pytest.raises(RuntimeError):  # a failure mid-evaluation still removes the adapter
+        evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp | {"per_device_train_batch_size": -1},
+                        1, hp, torch.device("cpu"))
+    again = evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp, 1, hp, torch.device("cpu"))
+    assert [type(m).__name__ for m in base.modules()] == modules  # no LoRA layer left behind
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()) and set(before) == set(base.state_dict())
+    assert again["objectives"] == first["objectives"]  # and the next evaluation sees the same base
+    assert all(np.array_equal(again["adapter"][k], first["adapter"][k]) for k in first["adapter"])
