@@ -33,11 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evolm.config import parse_config  # noqa: E402
 from evolm.continual import ContinualRun  # noqa: E402
-from evolm.data import load_splits, read_documents, tokenize_splits  # noqa: E402
+from evolm.base import load_base, test_losses  # noqa: E402
+from evolm.data import read_documents  # noqa: E402
 from evolm.executor import LocalExecutor, RayExecutor  # noqa: E402
 from evolm.metrics import summarize  # noqa: E402
-from evolm.models import load_model  # noqa: E402
-from evolm.train import evaluate  # noqa: E402
 
 METHODS = ("naive", "val_loss", "retention", "joint")
 
@@ -85,16 +84,11 @@ def joint_stage(raw: dict, out: Path) -> dict:
 def joint_matrix(base_raw: dict, run_dir: Path) -> dict:
     """The joint model's test losses on each original domain (rows: base, joint)."""
     config = parse_config(base_raw)
-    sources = ([config.model.pretrain] if config.model.pretrain else []) + list(config.stages)
     rows = []
     for stage_dir in ("stage-0", "stage-1"):
-        model, tokenizer = load_model(str(run_dir / "models" / stage_dir))
-        row = []
-        for s in sources:
-            blocks = tokenize_splits(load_splits(s), tokenizer, config.block_size, s.name)
-            row.append(evaluate(model, blocks["test"], config.training.eval_batch_size))
-        rows.append(row)
-    return {"columns": [s.name for s in sources], "rows": ["base", "joint"], "matrix": rows}
+        base = load_base(config, model_dir=str(run_dir / "models" / stage_dir))
+        rows.append(test_losses(base.model, base.domains, config.training.eval_batch_size))
+    return {"columns": [d.name for d in base.domains], "rows": ["base", "joint"], "matrix": rows}
 
 
 def main(argv=None) -> int:

@@ -51,14 +51,14 @@ import yaml  # noqa: E402
 
 from evolm import data as stage_data  # noqa: E402
 from evolm.config import parse_config, resolve_space, training_defaults  # noqa: E402
+from evolm.base import prepare_base as prepare_evolm_base  # noqa: E402
 from evolm.continual import ContinualRun, Reporter  # noqa: E402
 from evolm.errors import EvolmError  # noqa: E402
 from evolm.executor import EvalRequest, RayExecutor, StagePayload  # noqa: E402
 from evolm.genome import evaluation_seed, genome_text, hyperparameters  # noqa: E402
-from evolm.models import (ModelPayload, build_model, family_and_layers, load_model, save_model,  # noqa: E402
-                          train_tokenizer)
+from evolm.models import ModelPayload, family_and_layers, load_model, save_model  # noqa: E402
 from evolm.space import Boolean, Categorical, Integer, LayerMask, LogUniform, Uniform  # noqa: E402
-from evolm.train import evaluate_genome, pick_device, train_loop  # noqa: E402
+from evolm.train import evaluate_genome, pick_device  # noqa: E402
 
 METHODS = ("evolm", "evolm-halving", "evolm-inherit", "evolm-halving-inherit", "random", "tpe", "deap", "asha")
 EVOLM_VARIANTS = {  # every setting explicit, so a change of evolm's defaults does not rename a variant
@@ -495,25 +495,9 @@ def prepare_base(config, args) -> Path:
         print(f"base model: {where} (made earlier from the same settings)", flush=True)
         return where
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # as evolm's driver pretrains
-    try:
-        pretrain = stage_data.load_splits(config.model.pretrain) if config.model.pretrain else None
-        if config.model.build:
-            corpus = (pretrain["train"] if pretrain
-                      else [d for s in config.stages for d in stage_data.load_splits(s)["train"]])
-            tokenizer = train_tokenizer(corpus, config.model.build.vocab_size)
-            model = build_model(config.model.build, len(tokenizer), config.block_size, config.seed)
-        else:
-            model, tokenizer = load_model(config.model.name_or_path)
-        if pretrain and args.pretrain_steps > 0:
-            blocks = stage_data.tokenize_splits(pretrain, tokenizer, config.block_size, "model.pretrain")
-            hp = config.model.pretrain.model_dump() | {"max_grad_norm": 1.0, "max_steps": args.pretrain_steps}
-            curve = train_loop(model, blocks["train"], hp, config.seed, torch.device("cpu"))
-            print(f"base model: pretrained {args.pretrain_steps} steps, loss {curve['first']:.3f} -> "
-                  f"{curve['tail_mean']:.3f}", flush=True)
-    finally:
-        torch.set_num_threads(threads)
+    say = lambda text: print(f"base model: {text}", flush=True)  # noqa: E731
+    base = prepare_evolm_base(config, say, pretrain_steps=args.pretrain_steps)
+    model, tokenizer = base.model, base.tokenizer
     shutil.rmtree(where, ignore_errors=True)
     save_model(model.eval(), tokenizer, where)
     stamp.write_text(json.dumps(made_from, indent=2))

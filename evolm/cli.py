@@ -8,8 +8,6 @@ import argparse
 import logging
 import os
 import sys
-import time
-from datetime import datetime
 from pathlib import Path
 
 from evolm.errors import EvolmError, RunDirError
@@ -147,52 +145,32 @@ def _execution_overrides(args) -> dict:
 
 
 def cmd_run(args) -> int:
-    from evolm.config import load_config
+    import evolm
 
     overrides = _execution_overrides(args)
     if args.seed is not None:
         overrides["seed"] = args.seed
-    config = load_config(args.experiment, overrides)
-    name = args.name or f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = config.output_dir / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"{run_dir} already exists and is not empty; choose another --name, or continue "
-                          f"it with `evolm resume {run_dir}`")
-    print(f"run {name}: {len(config.stages)} stages, population {config.search.population_size}, "
+    config = evolm.api.as_config(args.experiment, overrides)
+    run_dir = evolm.api.new_run_dir(config, args.name)
+    print(f"run {run_dir.name}: {len(config.stages)} stages, population {config.search.population_size}, "
           f"{config.search.generations} generations, results in {run_dir}", flush=True)
     _quiet_libraries()
-    from evolm.continual import ContinualRun
-
-    reporter = _reporter(config, run_dir, args)
-    summaries = ContinualRun(config, run_dir, lambda: _executor(config, args), reporter).run()
+    summaries = evolm.run(config, run_dir, executor="local" if args.no_ray else "ray",
+                          reporter=_reporter(config, run_dir, args), ray_address=args.ray_address)
     print(stage_table(summaries))
     print(f"models: {run_dir / 'models'}")
     return 0
 
 
 def cmd_resume(args) -> int:
-    from evolm.config import load_config, parse_config, resume_differences
-    from evolm.status import open_run_dir
+    import evolm
 
-    saved = open_run_dir(args.run_dir)
-    config = parse_config(saved, source=str(args.run_dir / "experiment.json"))
-    if args.experiment is not None:
-        new = load_config(args.experiment)
-        # the parsed config, not the raw file: fields added to evolm since the run began take their defaults
-        refused = resume_differences(config.model_dump(mode="json"), new.model_dump(mode="json"))
-        if refused:
-            raise EvolmError(f"{args.experiment} differs from the run's experiment in {', '.join(refused)}; "
-                             f"a resumed run may only add generations or append stages (start a new run instead)")
-        config = new  # ContinualRun.resume records it once the extended data has been read
-    overrides = _execution_overrides(args)
-    if overrides:
-        config = config.model_copy(update={"ray": config.ray.model_copy(update={"num_workers": args.workers})})
+    config = evolm.api.resume_config(args.run_dir, args.experiment)
     print(f"resuming {args.run_dir}", flush=True)
     _quiet_libraries()
-    from evolm.continual import ContinualRun
-
-    reporter = _reporter(config, args.run_dir, args)
-    summaries = ContinualRun(config, args.run_dir, lambda: _executor(config, args), reporter).resume()
+    summaries = evolm.resume(args.run_dir, experiment=config, executor="local" if args.no_ray else "ray",
+                             reporter=_reporter(config, args.run_dir, args), ray_address=args.ray_address,
+                             workers=_execution_overrides(args).get("ray.num_workers"))
     print(stage_table(summaries))
     return 0
 
@@ -202,14 +180,6 @@ def cmd_status(args) -> int:
 
     print(format_status(run_status(args.run_dir)))
     return 0
-
-
-def _executor(config, args):
-    from evolm.executor import LocalExecutor, RayExecutor
-
-    if args.no_ray:
-        return LocalExecutor(threads=max(1, int(config.ray.num_cpus_per_trial)))
-    return RayExecutor(config.ray, address=args.ray_address, workers=config.ray.num_workers)
 
 
 def _quiet_libraries() -> None:

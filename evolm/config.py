@@ -39,8 +39,11 @@ class DataSource(Section):
     format: Literal["text", "jsonl", "qa"] = "text"
     """text: documents separated by blank lines; jsonl: one JSON object per line (``text_field``);
     qa: JSON lines with question/answer fields turned into text by ``template``."""
-    train: Path
+    train: Path | None = None
     """Training file (or the only file, when validation/test are derived from it)."""
+    documents: list[str] | None = None
+    """The documents themselves, instead of a ``train`` file (a library user's in-memory data);
+    validation and test are derived from them as from a single file."""
     validation: Path | None = None
     """Validation file; derived deterministically from ``train`` when left out."""
     test: Path | None = None
@@ -55,6 +58,14 @@ class DataSource(Section):
     """Share of documents held out for test when no test file is given."""
     max_documents: int | None = Field(default=None, ge=1)
     """Use at most this many documents of each file (a quick way to shrink a stage)."""
+
+    @model_validator(mode="after")
+    def _one_train_source(self):
+        if (self.train is None) == (self.documents is None):
+            raise ValueError("give exactly one of train (a file) or documents (a list of texts)")
+        if self.documents is not None and not any(d.strip() for d in self.documents if isinstance(d, str)):
+            raise ValueError("documents is empty (or only whitespace); give some text")
+        return self
 
     @field_validator("train", "validation", "test")
     @classmethod
@@ -245,7 +256,7 @@ class RayConfig(Section):
 
 
 class MergeConfig(Section):
-    """How stage winners become the next base (see DESIGN "Merging, precisely")."""
+    """How stage winners become the next base (docs/design.md, "Merging, precisely")."""
 
     method: str = "best"
     """A registered merge strategy (``evolm.registry.MERGE_STRATEGIES``) or auto. best: the winner alone;

@@ -61,7 +61,10 @@ def _record_text(source: DataSource, path: Path, line_no: int, line: str) -> str
 
 def load_splits(source: DataSource) -> dict[str, list[str]]:
     """Train / validation / test documents: given files, or derived from ``train`` by hashing."""
-    train = read_documents(source, source.train)
+    if source.train is not None:
+        train = read_documents(source, source.train)
+    else:
+        train = [d.strip() for d in source.documents if d.strip()][: source.max_documents]
     given = {name: read_documents(source, getattr(source, name))
              for name in ("validation", "test") if getattr(source, name) is not None}
     fractions = {"validation": source.validation_fraction, "test": source.test_fraction}

@@ -127,7 +127,7 @@ def summarize(matrix_json: dict, learned_at: Sequence[int | None] | None = None)
         "average_final_perplexity": perplexity(avg),
         "forgetting": dict(zip(columns, forget)),
         "mean_forgetting": _mean(forget_stages),
-        # BWT as DESIGN.md defines it: over the stages (the base's own domain is in "forgetting").
+        # BWT as docs/design.md defines it: over the stages (the base's own domain is in "forgetting").
         "backward_transfer": backward_transfer(arr, [k or None for k in learned_at]),
         "forward_transfer": dict(zip(columns, fwt)),
         "mean_forward_transfer": _mean(fwt_stages),

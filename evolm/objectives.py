@@ -8,13 +8,13 @@ driver resolves the names once and ships the objects with the stage.
     search:
       objectives: [val_loss, mypkg.metrics:distinct_tokens]   # a registered name, or module:function
 
-A ``module:function`` objective may set ``function.direction = "maximize"``. It is code the user
+A function registered in ``OBJECTIVES`` or named as ``module:function`` may set
+``function.direction = "maximize"``. It is code the user
 chose to run, imported in the driver and on every worker.
 """
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,7 +75,8 @@ ALWAYS_MEASURED = ("val_loss", "adapter_params", "retention_loss")
 def resolve_objective(name: str) -> Objective:
     """A registered objective, or ``module:function`` imported; ValueError says what is wrong."""
     if name in OBJECTIVES:
-        return OBJECTIVES.get(name)
+        entry = OBJECTIVES.get(name)
+        return entry if isinstance(entry, Objective) else _wrap(name, entry)
     module_name, sep, attr = name.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"unknown objective '{name}'; use one of {', '.join(OBJECTIVES.names())} "
@@ -85,6 +86,11 @@ def resolve_objective(name: str) -> Objective:
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"objective '{name}' cannot be imported ({type(exc).__name__}: {exc}); check the "
                          f"module is installed or on PYTHONPATH and defines {attr}") from None
+    return _wrap(name, fn)
+
+
+def _wrap(name: str, fn) -> Objective:
+    """A plain function as an objective; ``fn.direction`` (default ``minimize``) says which way is better."""
     if not callable(fn):
         raise ValueError(f"objective '{name}' is not a function")
     direction = getattr(fn, "direction", "minimize")
@@ -95,9 +101,9 @@ def resolve_objective(name: str) -> Objective:
 
 def measure_all(requested: list[Objective], ctx: EvalContext) -> dict[str, float]:
     """The always-measured objectives, then the requested ones, by name."""
+    import torch
+
     wanted = [OBJECTIVES.get(n) for n in ALWAYS_MEASURED] + [o for o in requested if o.name not in ALWAYS_MEASURED]
-    return {o.name: o.value(ctx) for o in wanted if o.needs is None or o.needs in ctx.blocks}
+    with torch.no_grad():
+        return {o.name: o.value(ctx) for o in wanted if o.needs is None or o.needs in ctx.blocks}
 
-
-def is_finite(values: dict[str, float]) -> bool:
-    return all(math.isfinite(v) for v in values.values())

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from evolm.errors import EvolmError
+from evolm.records import EvaluationRecord, GenerationRecord, StageSummary
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class TrackingReporter:
 
     def evaluation_done(self, record: dict) -> None:
         self.inner.evaluation_done(record)
-        if not record.get("cached"):
+        if not record.cached:
             for sink in self.sinks:
                 sink.evaluation(record, self.evaluations)
             self.evaluations += 1
@@ -93,7 +94,7 @@ class TrackingReporter:
         self.inner.stage_end(summary)
         for sink in self.sinks:
             sink.stage(summary)
-        if summary.get("stage") == self.n_stages:
+        if summary.stage == self.n_stages:
             self.close("FINISHED")
 
     def close(self, status: str = "FINISHED") -> None:
@@ -111,31 +112,28 @@ class TensorBoardSink:
         self.directory = directory
         self.writer = SummaryWriter(log_dir=str(directory))
 
-    def evaluation(self, r: dict, step: int) -> None:
-        loss = (r.get("objectives") or {}).get("val_loss") if r.get("status") == "ok" else None
-        w = self.writer
+    def evaluation(self, r: EvaluationRecord, step: int) -> None:
+        loss, w = r.val_loss, self.writer
         if loss is not None:
-            w.add_scalar(f"evaluation/{r['stage_name']}/val_loss", loss, step)
-        w.add_scalar("evaluation/seconds", r.get("seconds") or 0.0, step)
-        w.add_scalar("evaluation/failed", float(r.get("status") != "ok"), step)
-        if r.get("curve"):
-            w.add_scalar("evaluation/steps", r["curve"].get("steps") or 0, step)
-        hparams = {"stage": r["stage"], "generation": r["generation"], "genome_id": r["genome_id"],
-                   **gene_params(r.get("values"))}
-        metrics = {"hparam/val_loss": float("nan") if loss is None else loss,
-                   "hparam/seconds": r.get("seconds") or 0.0}
-        w.add_hparams(hparams, metrics, run_name=f"evaluations/{step:05d}-{r['genome_id']}", global_step=step)
+            w.add_scalar(f"evaluation/{r.stage_name}/val_loss", loss, step)
+        w.add_scalar("evaluation/seconds", r.seconds or 0.0, step)
+        w.add_scalar("evaluation/failed", float(not r.ok), step)
+        if r.curve:
+            w.add_scalar("evaluation/steps", r.curve.get("steps") or 0, step)
+        hparams = {"stage": r.stage, "generation": r.generation, "genome_id": r.genome_id, **gene_params(r.values)}
+        metrics = {"hparam/val_loss": float("nan") if loss is None else loss, "hparam/seconds": r.seconds or 0.0}
+        w.add_hparams(hparams, metrics, run_name=f"evaluations/{step:05d}-{r.genome_id}", global_step=step)
 
-    def generation(self, r: dict, step: int) -> None:
+    def generation(self, r: GenerationRecord, step: int) -> None:
         for key in ("best", "median", "worst"):
-            if r.get(key) is not None:
-                self.writer.add_scalar(f"generation/{r['stage_name']}/{key}_val_loss", r[key], step)
-        self.writer.add_scalar("generation/seconds", r.get("seconds") or 0.0, step)
+            if getattr(r, key) is not None:
+                self.writer.add_scalar(f"generation/{r.stage_name}/{key}_val_loss", getattr(r, key), step)
+        self.writer.add_scalar("generation/seconds", r.seconds or 0.0, step)
         self.writer.flush()
 
-    def stage(self, s: dict) -> None:
-        self.writer.add_scalar("stage/test_loss_start", s["start_loss"], s["stage"])
-        self.writer.add_scalar("stage/test_loss_end", s["end_loss"], s["stage"])
+    def stage(self, s: StageSummary) -> None:
+        self.writer.add_scalar("stage/test_loss_start", s.start_loss, s.stage)
+        self.writer.add_scalar("stage/test_loss_end", s.end_loss, s.stage)
         self.writer.flush()
 
     def close(self, status: str) -> None:
@@ -166,25 +164,22 @@ class MlflowSink:
                                                if v is not None],
                               params=[Param(k, str(v)) for k, v in (params or {}).items()])
 
-    def evaluation(self, r: dict, step: int) -> None:
-        ok = r.get("status") == "ok"
-        child = self.client.create_run(self.experiment_id, run_name=f"stage{r['stage']}-gen{r['generation']}-"
-                                       f"{r['genome_id']}", tags={"mlflow.parentRunId": self.run_id,
-                                                                  "stage": r["stage_name"], "status": r["status"]})
-        metrics = {"val_loss": (r.get("objectives") or {}).get("val_loss") if ok else None,
-                   "seconds": r.get("seconds"), "steps": (r.get("curve") or {}).get("steps")}
-        self._log(child.info.run_id, metrics, {"stage": r["stage"], "generation": r["generation"],
-                                               **gene_params(r.get("values"))})
-        if not ok:
-            self.client.set_tag(child.info.run_id, "error", str(r.get("error"))[:5000])
-        self.client.set_terminated(child.info.run_id, "FINISHED" if ok else "FAILED")
+    def evaluation(self, r: EvaluationRecord, step: int) -> None:
+        child = self.client.create_run(self.experiment_id, run_name=f"stage{r.stage}-gen{r.generation}-{r.genome_id}",
+                                       tags={"mlflow.parentRunId": self.run_id, "stage": r.stage_name,
+                                             "status": r.status})
+        metrics = {"val_loss": r.val_loss, "seconds": r.seconds, "steps": (r.curve or {}).get("steps")}
+        self._log(child.info.run_id, metrics, {"stage": r.stage, "generation": r.generation, **gene_params(r.values)})
+        if not r.ok:
+            self.client.set_tag(child.info.run_id, "error", str(r.error)[:5000])
+        self.client.set_terminated(child.info.run_id, "FINISHED" if r.ok else "FAILED")
 
-    def generation(self, r: dict, step: int) -> None:
-        self._log(self.run_id, {f"{r['stage_name']}/{k}_val_loss": r.get(k) for k in ("best", "median", "worst")}
-                  | {"generation_seconds": r.get("seconds")}, step=step)
+    def generation(self, r: GenerationRecord, step: int) -> None:
+        self._log(self.run_id, {f"{r.stage_name}/{k}_val_loss": getattr(r, k) for k in ("best", "median", "worst")}
+                  | {"generation_seconds": r.seconds}, step=step)
 
-    def stage(self, s: dict) -> None:
-        self._log(self.run_id, {"test_loss_start": s["start_loss"], "test_loss_end": s["end_loss"]}, step=s["stage"])
+    def stage(self, s: StageSummary) -> None:
+        self._log(self.run_id, {"test_loss_start": s.start_loss, "test_loss_end": s.end_loss}, step=s.stage)
 
     def close(self, status: str) -> None:
         try:

@@ -52,7 +52,7 @@ def test_summarize_writes_every_metric():
     assert s["final_perplexity"]["a"] == pytest.approx(math.exp(2.8))
     assert s["forgetting"] == pytest.approx({"general": 0.6, "a": 0.0, "b": 1.0, "c": 0.0})
     assert s["mean_forgetting"] == pytest.approx(0.5)  # stages a and b; c is the last
-    assert s["backward_transfer"] == pytest.approx((0.2 - 1.0) / 2)  # stages a and b, as DESIGN.md defines BWT
+    assert s["backward_transfer"] == pytest.approx((0.2 - 1.0) / 2)  # stages a and b, as docs/design.md defines BWT
     assert s["forward_transfer"] == pytest.approx({"general": None, "a": 0.0, "b": 0.5, "c": 1.0})
     assert s["mean_forward_transfer"] == pytest.approx(0.75)  # stages b and c; a's is 0 by definition
 

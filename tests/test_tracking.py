@@ -5,7 +5,8 @@ import math
 import pytest
 
 import evolm.tracking as tracking
-from evolm.cli import ConsoleReporter
+from evolm.records import EvaluationRecord, GenerationRecord, StageSummary
+from evolm.reporting import ConsoleReporter
 from evolm.config import parse_config
 from evolm.errors import ConfigError, EvolmError
 from evolm.tracking import TrackingReporter, gene_params, with_tracking
@@ -13,17 +14,26 @@ from tests.conftest import tiny_experiment
 
 
 def evaluation(i, status="ok", cached=False, seconds=2.0):
-    return {"stage": 1, "stage_name": "code", "generation": 0, "genome_id": f"g{i:07d}", "status": status,
+    return EvaluationRecord.from_json({"stage": 1, "stage_name": "code", "generation": 0, "genome_id": f"g{i:07d}", "status": status,
             "objectives": {"val_loss": 3.0 + i} if status == "ok" else None,
             "error": None if status == "ok" else "boom",
             "seconds": seconds, "train_seconds": 1.5, "cached": cached, "curve": {"steps": 4},
-            "values": {"r": 4, "learning_rate": 1e-3, "layers": [True, False], "target_modules": ["c_attn", "c_fc"]}}
+            "values": {"r": 4, "learning_rate": 1e-3, "layers": [True, False], "target_modules": ["c_attn", "c_fc"]}})
 
 
-GENERATION = {"stage": 1, "stage_name": "code", "generation": 0, "best": 3.0, "median": 3.5, "worst": 4.0,
+GENERATION_JSON = {"stage": 1, "stage_name": "code", "generation": 0, "best": 3.0, "median": 3.5, "worst": 4.0,
               "evaluations": 2, "failed": 0, "seconds": 2.0, "population": ["g0000000", "g0000001"]}
-STAGE = {"stage": 1, "name": "code", "start_loss": 5.0, "end_loss": 4.0, "winner": {"id": "g0000000"},
+STAGE_JSON = {"stage": 1, "name": "code", "start_loss": 5.0, "end_loss": 4.0, "winner": {"id": "g0000000"},
          "evaluations": 2, "seconds": 3.0}
+
+
+
+def gen(**changes) -> GenerationRecord:
+    return GenerationRecord.from_json(GENERATION_JSON | changes)
+
+
+def stage(**changes) -> StageSummary:
+    return StageSummary.from_json(STAGE_JSON | changes)
 
 
 class Recorder:
@@ -41,8 +51,8 @@ def test_console_in_a_pipe_writes_plain_lines_with_workers_busy():
     for i in range(2):
         reporter.evaluation_done(evaluation(i, seconds=2.0))
     reporter.evaluation_done(evaluation(5, cached=True, seconds=9.0))  # a twin served from the cache: no work
-    reporter.generation_end(GENERATION)
-    reporter.stage_end(STAGE)
+    reporter.generation_end(gen())
+    reporter.stage_end(stage())
     text = out.getvalue()
     assert reporter.bar is None and "\r" not in text and "\x1b" not in text
     lines = text.splitlines()
@@ -55,7 +65,7 @@ def test_workers_busy_is_evaluation_time_over_wall_time_times_workers():
     reporter = ConsoleReporter(out, workers=4)
     reporter.generation_start(1, 0, 1)
     reporter.evaluation_done(evaluation(0, seconds=3.0))
-    reporter.generation_end(GENERATION | {"seconds": 2.0})
+    reporter.generation_end(gen(**{"seconds": 2.0}))
     assert "workers busy 38%" in out.getvalue()
 
 
@@ -124,19 +134,19 @@ def test_tensorboard_gets_every_evaluation_and_generation(corpora, tmp_path):
     reporter.generation_start(1, 0, 3)
     for record in records:
         reporter.evaluation_done(record)
-    reporter.generation_end(GENERATION)
-    reporter.generation_end(GENERATION | {"generation": 1, "best": 2.5, "median": 3.0, "worst": 3.5, "seconds": 4.0})
-    reporter.stage_end(STAGE)
+    reporter.generation_end(gen())
+    reporter.generation_end(gen(**{"generation": 1, "best": 2.5, "median": 3.0, "worst": 3.5, "seconds": 4.0}))
+    reporter.stage_end(stage())
     assert not reporter.closed  # stage 1 of 2: the writers stay open
-    reporter.stage_end(STAGE | {"stage": 2, "name": "qa", "start_loss": 4.5, "end_loss": 3.5})
+    reporter.stage_end(stage(**{"stage": 2, "name": "qa", "start_loss": 4.5, "end_loss": 3.5}))
     assert reporter.closed  # the last stage closes the writers
     # the console behind it saw every hook, with the very same records, in order
     assert inner.calls == [("generation_start", (1, 0, 3))] + [("evaluation_done", (r,)) for r in records] + [
-        ("generation_end", (GENERATION,)), ("generation_end", (GENERATION | {"generation": 1, "best": 2.5,
+        ("generation_end", (gen(),)), ("generation_end", (gen(**{"generation": 1, "best": 2.5,
                                                                             "median": 3.0, "worst": 3.5,
-                                                                            "seconds": 4.0},)),
-        ("stage_end", (STAGE,)), ("stage_end", (STAGE | {"stage": 2, "name": "qa", "start_loss": 4.5,
-                                                        "end_loss": 3.5},))]
+                                                                            "seconds": 4.0}),)),
+        ("stage_end", (stage(),)), ("stage_end", (stage(**{"stage": 2, "name": "qa", "start_loss": 4.5,
+                                                        "end_loss": 3.5}),))]
 
     events = read_events(tmp_path / "tb" / "tensorboard")
     # (step, value): one step per evaluation that trained, failed ones included, the cached twin left out
@@ -176,7 +186,7 @@ def test_tensorboard_logs_into_the_run_directory_by_default(corpora, tmp_path):
         tiny_experiment(corpora, tmp_path)["stages"][0]]))
     reporter = with_tracking(Recorder(), config, tmp_path / "run")
     reporter.evaluation_done(evaluation(3))
-    reporter.stage_end(STAGE)
+    reporter.stage_end(stage())
     assert reporter.closed  # one stage: its end is the run's end
     assert scalars(read_events(tmp_path / "run" / "tensorboard"), "evaluation/code/val_loss") == [(0, 6.0)]
 
@@ -188,9 +198,9 @@ def test_mlflow_gets_a_child_run_per_evaluation(tmp_path):
     reporter.evaluation_done(evaluation(0))
     reporter.evaluation_done(evaluation(1, status="failed"))
     reporter.evaluation_done(evaluation(0, cached=True))  # a twin served from the cache: no child run
-    reporter.generation_end(GENERATION)
-    reporter.generation_end(GENERATION | {"generation": 1, "best": 2.5, "median": 3.0, "worst": 3.5})
-    reporter.stage_end(STAGE)
+    reporter.generation_end(gen())
+    reporter.generation_end(gen(**{"generation": 1, "best": 2.5, "median": 3.0, "worst": 3.5}))
+    reporter.stage_end(stage())
     client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
 
@@ -198,7 +208,7 @@ def test_mlflow_gets_a_child_run_per_evaluation(tmp_path):
         return {r.info.run_name: r for r in client.search_runs([experiment_id])}
 
     assert runs()["run1"].info.status == "RUNNING"  # stage 1 of 2
-    reporter.stage_end(STAGE | {"stage": 2, "start_loss": 4.5, "end_loss": 3.5})
+    reporter.stage_end(stage(**{"stage": 2, "start_loss": 4.5, "end_loss": 3.5}))
     by_name = runs()
     assert sorted(by_name) == ["run1", "stage1-gen0-g0000000", "stage1-gen0-g0000001"]
     parent = by_name["run1"]
@@ -234,3 +244,24 @@ def test_mlflow_run_params_come_from_the_experiment(corpora, tmp_path):
     assert run.info.run_name == "run-7" and run.info.status == "FINISHED"
     assert run.data.params == {"seed": "7", "stages": "code,qa", "population_size": "3", "offspring_size": "3",
                                "generations": "1", "workers": "2"}
+
+
+def test_a_real_run_with_tensorboard_logs_what_the_ledger_holds(corpora, tmp_path):
+    """The run's own records reach TensorBoard: one val_loss point per trained evaluation, in order."""
+    pytest.importorskip("tensorboard")
+    from evolm.continual import ContinualRun
+    from evolm.executor import LocalExecutor
+    from evolm.rundir import load_run
+
+    raw = tiny_experiment(corpora, tmp_path, tracking={"tensorboard": True})
+    raw["stages"] = raw["stages"][:1]
+    config = parse_config(raw)
+    run_dir = tmp_path / "run"
+    reporter = with_tracking(Recorder(), config, run_dir)
+    ContinualRun(config, run_dir, lambda: LocalExecutor(threads=1), reporter).run()
+    assert reporter.closed
+    trained = load_run(run_dir).evaluated()
+    events = read_events(run_dir / "tensorboard")
+    logged = scalars(events, "evaluation/code/val_loss")
+    assert [v for _, v in logged] == pytest.approx([e.val_loss for e in trained if e.val_loss is not None])
+    assert [s for s, _ in scalars(events, "stage/test_loss_end")] == [1]
