@@ -19,7 +19,7 @@ import torch
 
 from evolm import data as stage_data
 from evolm.config import ExperimentConfig
-from evolm.models import build_model, load_model, train_tokenizer
+from evolm.models import build_model, load_model, resolve_dtype, train_tokenizer
 from evolm.train import evaluate, train_loop
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,12 @@ class Base:
     domains: list[Domain]
     n_base_domains: int
     """1 when the base has a declared domain of its own (``model.pretrain``), else 0."""
+    dtype: torch.dtype = torch.float32
+    """What the base is held in during the search (``model.dtype``); a built model is pretrained in
+    float32 first, then cast (``hold``)."""
+
+    def hold(self) -> None:
+        self.model.to(self.dtype)
 
     def stage_domain(self, k: int) -> Domain:
         return self.domains[self.n_base_domains + k - 1]
@@ -72,25 +78,27 @@ def prepare_base(config: ExperimentConfig, say=log.info, pretrain_steps: int | N
     base = load_base(config, say)
     if config.model.pretrain:
         pretrain(base, config, say, pretrain_steps)
+    base.hold()
     return base
 
 
 def load_base(config: ExperimentConfig, say=log.info, model_dir: str | None = None) -> Base:
     """Every domain and the model before pretraining: built, loaded from ``model.name_or_path``, or
     from ``model_dir`` (a resumed run's current base). All user input is read and checked here."""
+    dtype = resolve_dtype(config.model.dtype, torch.device("cpu"))  # the driver's device
     pretrain_docs, stage_docs = read_documents(config)
     if model_dir is not None:
-        model, tokenizer = load_model(model_dir)
+        model, tokenizer = load_model(model_dir, dtype)
     elif config.model.build:
         corpus = pretrain_docs["train"] if pretrain_docs else [d for s in stage_docs for d in s["train"]]
         say(f"training a {config.model.build.vocab_size}-token BPE tokenizer on {len(corpus)} documents")
         tokenizer = train_tokenizer(corpus, config.model.build.vocab_size)
         model = build_model(config.model.build, len(tokenizer), config.block_size, config.seed)
     else:
-        model, tokenizer = load_model(config.model.name_or_path)
+        model, tokenizer = load_model(config.model.name_or_path, torch.float32 if config.model.pretrain else dtype)
     model.eval()
     return Base(model, tokenizer, tokenize_domains(config, tokenizer, pretrain_docs, stage_docs),
-                1 if config.model.pretrain else 0)
+                1 if config.model.pretrain else 0, dtype)
 
 
 def pretrain(base: Base, config: ExperimentConfig, say=log.info, max_steps: int | None = None) -> None:

@@ -122,6 +122,10 @@ class ModelConfig(Section):
     """Build a small model from a config instead (mutually exclusive with ``name_or_path``)."""
     pretrain: PretrainConfig | None = None
     """Optional first full fine-tune on a general domain, so the base already knows something."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype the base is held in (adapters and optimizer state stay float32). auto: bfloat16 where
+    the driver's device supports it (a GPU), float32 on a CPU. Pretraining runs in float32, then the
+    base is cast. float16 needs a GPU."""
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -87,6 +87,7 @@ class ContinualRun:
         write_run_info(self.run_dir, cfg)
         if cfg.model.pretrain:
             pretrain(base, cfg, self.reporter.message)
+        base.hold()
         self.state = state = self._search_state(base)
         self._save_model(0)
         write_samples(self.run_dir, base.model, base.tokenizer, cfg, 0, "base")
@@ -104,7 +105,7 @@ class ContinualRun:
         state.summaries = [StageSummary.from_json(s) for s in checkpoint["summaries"]]
         for i, row in enumerate(state.loss_matrix):  # stages were appended: measure earlier models on them
             if len(row) < len(base.domains):
-                model, _ = load_model(str(self.run_dir / "models" / f"stage-{i}"))
+                model, _ = load_model(str(self.run_dir / "models" / f"stage-{i}"), base.dtype)
                 row += state.test_row(model, base.domains[len(row):])
         return state
 

@@ -129,6 +129,7 @@ class _StageRunner:
                 torch.cuda.empty_cache()
             result = {"status": "failed", **_failure(exc), "objectives": {}, "adapter": None}
         result.update(genome_id=request.genome_id, seconds=time.perf_counter() - start, worker=self.worker,
+                      device=str(self.device), dtype=str(self.model.dtype).removeprefix("torch.") if self.model else None,
                       node=self.node)
         return result
 

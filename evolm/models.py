@@ -53,8 +53,24 @@ def build_model(build: BuildConfig, vocab_size: int, block_size: int, seed: int)
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def load_model(name_or_path: str):
-    """Model and tokenizer from a local directory, or from the hub where the network allows."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``model.dtype`` on ``device``: auto is bfloat16 on a GPU that supports it, else float32."""
+    cuda = device.type == "cuda"
+    if name == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name == "float16" and not cuda:
+        raise ModelError("model.dtype: float16 needs a GPU (the CPU has no fast float16 kernels); "
+                         "use float32 or bfloat16")
+    if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ModelError("model.dtype: this GPU does not support bfloat16; use float16 or float32")
+    return DTYPES[name]
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """Model (in ``dtype``) and tokenizer from a local directory, or from the hub where the network allows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name_or_path).expanduser()
@@ -63,8 +79,7 @@ def load_model(name_or_path: str):
         raise ModelError(f"model.name_or_path: {local} is not a model directory (no config.json); "
                          f"give a directory saved with save_pretrained or a hub id")
     try:
-        # float32: the CPU merges, test losses and numpy payloads need it (hub checkpoints are often bf16)
-        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
     except (OSError, ValueError) as exc:
         hint = " (HF_HUB_OFFLINE is set: use a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
@@ -105,9 +120,8 @@ class ModelPayload:
     @classmethod
     def of(cls, model) -> "ModelPayload":
         state = model.state_dict()
-        buffers = {k: v.detach().cpu().numpy() for k, v in model.named_buffers(remove_duplicate=False)
-                   if k not in state}
-        return cls(model.config.to_dict(), {k: v.detach().cpu().numpy() for k, v in state.items()}, buffers)
+        buffers = {k: _to_numpy(v) for k, v in model.named_buffers(remove_duplicate=False) if k not in state}
+        return cls(model.config.to_dict(), {k: _to_numpy(v) for k, v in state.items()}, buffers)
 
     def build(self):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,7 +130,7 @@ class ModelPayload:
         cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-        state = {k: torch.from_numpy(np.array(v)) for k, v in self.weights.items()}
+        state = {k: _from_numpy(v) for k, v in self.weights.items()}
         model.load_state_dict(state, assign=True, strict=True)
         for name, value in self.buffers.items():
             owner, _, leaf = name.rpartition(".")
@@ -127,7 +141,7 @@ class ModelPayload:
             if module is None or leaf not in module._buffers:
                 raise ModelError(f"the model payload carries buffer '{name}', which the rebuilt "
                                  f"{cfg.model_type} model does not have")
-            module._buffers[leaf] = torch.from_numpy(np.array(value))  # stays non-persistent
+            module._buffers[leaf] = _from_numpy(value)  # stays non-persistent
         model.tie_weights()
         tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         empty = [n for n, t in tensors if t.is_meta]
@@ -135,3 +149,18 @@ class ModelPayload:
             raise ModelError(f"rebuilding the {cfg.model_type} model left {len(empty)} tensor(s) without data "
                              f"(on the meta device): {', '.join(empty[:5])}")
         return model.eval()
+
+
+# numpy has no bfloat16: such tensors travel as their raw 16 bits in a structured dtype that names them.
+_BF16 = np.dtype([("bfloat16", np.uint16)])
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return t.view(torch.uint16).numpy().view(_BF16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    if a.dtype == _BF16:
+        return torch.from_numpy(np.array(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))

@@ -53,6 +53,9 @@ class EvaluationRecord(_Record):
     train_seconds: float | None = None
     worker: str | None = None
     node: str | None = None
+    device: str | None = None
+    """Where it trained (``cpu``, ``cuda:0``) and the base's dtype there."""
+    dtype: str | None = None
     cached: bool = False
     result_of: str | None = None
     seed: int | None = None
@@ -137,5 +140,6 @@ def utilisation(evaluation_seconds: float, wall_seconds: float, workers: int) ->
 
 
 def read_records(cls, rows: list[Any]) -> list:
-    """Typed records of JSON rows; rows that are not objects (a damaged file) are skipped."""
-    return [cls.from_json(r) for r in rows if isinstance(r, dict)]
+    """Typed records of JSON rows (records of ``cls`` are kept as they are); rows that are not
+    objects (a damaged file) are skipped."""
+    return [r if isinstance(r, cls) else cls.from_json(r) for r in rows if isinstance(r, (cls, dict))]

@@ -103,7 +103,7 @@ class SuccessiveHalving:
         state = result.pop("state", None)
         record = {k: result.get(k) for k in ("genome_id", "status", "objectives", "error", "traceback", "curve",
                                              "adapter_params", "steps", "inherited", "seconds", "train_seconds",
-                                             "worker", "node")}
+                                             "worker", "node", "device", "dtype")}
         record.update(stage=self.evaluator.stage, generation=gen, rung=rung, complete=state is None)
         if result["status"] == "ok":
             arrays = {f"adapter.{k}": v for k, v in result["adapter"].items()} | (state or {})

@@ -8,7 +8,7 @@ import torch
 
 import evolm
 from evolm.errors import ConfigError
-from tests.conftest import tiny_experiment
+from tests.conftest import ROOT, tiny_experiment
 
 
 def next_token_accuracy(ctx):
@@ -140,3 +140,19 @@ def test_documents_and_train_are_exclusive(corpora, tmp_path):
     raw["stages"][0]["documents"] = ["  ", ""]
     with pytest.raises(ConfigError, match=r"stages\[0\].*documents is empty"):
         evolm.parse_config(raw)
+
+
+def test_the_readme_library_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Using evolm as a library"):]
+    code = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
+    monkeypatch.chdir(tmp_path)
+    evolm.OBJECTIVES._entries.pop("next_token_accuracy", None)  # the example registers its own
+    try:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    finally:
+        evolm.OBJECTIVES._entries.pop("next_token_accuracy", None)
+        evolm.OBJECTIVES.register("next_token_accuracy", next_token_accuracy)
+    run = evolm.load_run(tmp_path / "results" / "notes")
+    assert run.finished and all(e.ok and "next_token_accuracy" in e.objectives for e in run.evaluated())
+    assert "next_token_accuracy" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """What a real pretrained model needs: rotary Llamas survive the trip to a worker, and a failed
 evaluation keeps its root cause (not Ray's or evolm's wrapper)."""
+import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -7,10 +8,12 @@ import pytest
 import torch
 
 import evolm.executor
+from evolm.checkpoint import read_jsonl
 from evolm.config import BuildConfig, RayConfig
 from evolm.errors import ModelError
 from evolm.executor import EvalRequest, LocalExecutor, RayExecutor, StagePayload, _failure
 from evolm.models import ModelPayload, build_model
+from tests.conftest import ROOT, tiny_experiment
 from tests.test_train_merge import TRAINING, blocks
 
 LLAMA_TRAINING = {**TRAINING, "max_steps": 2, "eval_max_batches": 1, "target_modules": ["q_proj", "v_proj"]}
@@ -122,3 +125,45 @@ def test_failure_walks_the_exception_chain_to_its_end():
         failure = _failure(exc)
     assert failure["error"].startswith("KeyError: 'root_key' (raised as OSError: while cleaning up")
     assert "During handling" in failure["traceback"] and len(failure["traceback"]) < 5000
+
+
+def test_a_bfloat16_base_runs_two_stages_and_resumes_exactly(corpora, tmp_path):
+    """model.dtype bfloat16 on the CPU: the base (and the saved stage models) stay bf16, adapters train in
+    float32, and a run killed mid-stage resumes to the same genomes, losses and weights."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import write_experiment
+    from tests.test_resume import kill_when, run_to_end
+
+    raw = tiny_experiment(corpora, tmp_path / "results")
+    raw["model"]["dtype"] = "bfloat16"
+    raw["search"]["space"]["max_steps"] = {"type": "int", "low": 10, "high": 20}
+    path = write_experiment(tmp_path / "bf16.yaml", raw)
+    run_to_end("run", path, "--name", "whole", "--no-ray")
+    cut = tmp_path / "results" / "cut"
+    assert kill_when(("run", path, "--name", "cut", "--no-ray"),
+                     lambda: (cut / "checkpoints" / "s002-g0000.json").exists())
+    run_to_end("resume", cut, "--no-ray")
+
+    def outcome(run_dir):
+        evals = [(r["stage"], r["generation"], r["genome_id"], (r["objectives"] or {}).get("val_loss"), r["dtype"])
+                 for r in read_jsonl(run_dir / "evaluations.jsonl")]
+        return sorted(evals), load_file(str(run_dir / "models" / "stage-2" / "model.safetensors"))
+
+    (whole_evals, whole_w), (cut_evals, cut_w) = outcome(tmp_path / "results" / "whole"), outcome(cut)
+    assert whole_evals == cut_evals and {e[4] for e in whole_evals} == {"bfloat16"}
+    assert set(whole_w) == set(cut_w) and all(torch.equal(whole_w[k], cut_w[k]) for k in whole_w)
+    assert {t.dtype for t in whole_w.values()} == {torch.bfloat16}
+
+
+def test_float16_on_a_cpu_is_refused_before_anything_is_written(corpora, tmp_path):
+    from tests.conftest import write_experiment
+    from tests.test_resume import evolm_cmd, env
+
+    raw = tiny_experiment(corpora, tmp_path / "results")
+    raw["model"]["dtype"] = "float16"
+    path = write_experiment(tmp_path / "fp16.yaml", raw)
+    done = subprocess.run(evolm_cmd("run", path, "--name", "r", "--no-ray"), capture_output=True, text=True,
+                          env=env(), cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and "model.dtype: float16 needs a GPU" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "results" / "r").exists()
