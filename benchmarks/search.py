@@ -6,7 +6,7 @@ budget of training steps, on the same task, the same search space and the same e
 
 The task: LoRA fine-tuning of one base model on one stage (``--stage``, default the experiment's first);
 a genome's score is ``evolm.train.evaluate_genome``'s ``val_loss`` on the stage's validation split, and
-the search space is evolm's own (``evolm.config.resolve_space``). The base is the experiment's model,
+the search space is evolm's own (``evolm.searchspace.resolve_space``). The base is the experiment's model,
 built and pretrained once (``model.pretrain``, ``--pretrain-steps``) and saved to <out>/base; every
 method starts from that directory (or from ``--base DIR``).
 
@@ -50,7 +50,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from evolm import data as stage_data  # noqa: E402
-from evolm.config import parse_config, resolve_space, training_defaults  # noqa: E402
+from evolm.config import parse_config  # noqa: E402
+from evolm.searchspace import resolve_space, training_defaults  # noqa: E402
 from evolm.base import prepare_base as prepare_evolm_base  # noqa: E402
 from evolm.continual import ContinualRun, Reporter  # noqa: E402
 from evolm.errors import EvolmError  # noqa: E402

@@ -17,18 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from evolm.errors import ConfigError
 from evolm.registry import GENE_TYPES
+from evolm.searchspace import KNOWN_GENES, gene_range_problem
 from evolm.space import Gene
 
-# Gene names the training loop understands; a gene outside this list would silently do nothing.
-KNOWN_GENES = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers", "learning_rate",
-               "max_steps", "weight_decay", "warmup_ratio", "per_device_train_batch_size", "replay_ratio")
-
-# LoRA targets per model family: (attention only, attention + output, all linear layers).
-TARGET_MODULES = {
-    "gpt2": [["c_attn"], ["c_attn", "c_proj"], ["c_attn", "c_proj", "c_fc"]],
-    "llama": [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"],
-              ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
-}
 
 
 class Section(BaseModel):
@@ -241,6 +232,9 @@ class SearchConfig(Section):
                 raise ValueError(f"space.{name}: only the gene 'layers' is a layer_mask")
             if name == "target_modules" and gene.type != "categorical":
                 raise ValueError("space.target_modules must be categorical (choices: lists of module names)")
+            problem = gene_range_problem(name, gene)
+            if problem:
+                raise ValueError(f"space.{name}: {problem}")
         return self
 
 
@@ -445,59 +439,3 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"cannot override {dotted}: {part} is not a section")
     node[last] = value
-
-
-def resolve_space(config: ExperimentConfig, family: str, n_layers: int) -> dict[str, Any]:
-    """The search space of a run: the default space for the model family, then the YAML's genes."""
-    from evolm.space import bind_layers
-
-    space = default_space(config, family)
-    for name, gene in config.search.space.items():
-        if gene is None:
-            space.pop(name, None)
-        else:
-            space[name] = gene
-    if not space:
-        raise ConfigError("search.space: every gene was removed; keep at least one gene to search")
-    try:
-        return bind_layers(space, n_layers)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def default_space(config: ExperimentConfig, family: str) -> dict[str, Any]:
-    from pydantic import TypeAdapter
-
-    steps = config.training.max_steps
-    raw = {
-        "r": {"type": "categorical", "choices": [2, 4, 8, 16]},
-        "lora_alpha": {"type": "categorical", "choices": [4, 8, 16, 32]},
-        "lora_dropout": {"type": "uniform", "low": 0.0, "high": 0.2},
-        "layers": {"type": "layer_mask"},
-        "learning_rate": {"type": "log_uniform", "low": 1e-4, "high": 1e-2},
-        "max_steps": {"type": "int", "low": max(1, steps // 2), "high": max(1, steps * 2)},
-        "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
-        "warmup_ratio": {"type": "uniform", "low": 0.0, "high": 0.2},
-        "replay_ratio": {"type": "uniform", "low": 0.0, "high": 0.5},
-    }
-    if family in TARGET_MODULES:
-        raw["target_modules"] = {"type": "categorical", "choices": TARGET_MODULES[family]}
-    adapter = TypeAdapter(Gene)
-    return {name: adapter.validate_python(spec) for name, spec in raw.items()}
-
-
-def training_defaults(config: ExperimentConfig, family: str) -> dict[str, Any]:
-    """``training`` as every evaluation sees it: the family's default target modules filled in, and
-    ``fan_in_fan_out`` for GPT-2, whose linear layers store their weights transposed (Conv1D)."""
-    training = config.training.model_dump()
-    if training["target_modules"] is None:
-        training["target_modules"] = default_target_modules(family)
-    training["fan_in_fan_out"] = family == "gpt2"
-    return training
-
-
-def default_target_modules(family: str) -> list[str]:
-    if family not in TARGET_MODULES:
-        raise ConfigError(f"training.target_modules: no default for model type '{family}'; "
-                          f"list the module names to adapt (e.g. [q_proj, v_proj])")
-    return TARGET_MODULES[family][0]

@@ -22,17 +22,18 @@ import yaml
 
 from evolm.base import load_base, pretrain, with_fixed_threads
 from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint, write_atomic, write_json
-from evolm.config import ExperimentConfig, resolve_space, training_defaults
+from evolm.config import ExperimentConfig
 from evolm.errors import RunDirError
 from evolm.evaluation import GenerationEvaluator
 from evolm.evolution import Evolution
 from evolm.executor import StagePayload
 from evolm.generate import write_samples
 from evolm.ledger import StageLedger, repair_logs
-from evolm.models import ModelPayload, family_and_layers, load_model, save_model
+from evolm.models import ModelPayload, family_and_layers, linear_layer_names, load_model, save_model
 from evolm.objectives import resolve_objective
 from evolm.records import StageSummary
 from evolm.reporting import LogReporter, Reporter
+from evolm.searchspace import resolve_space, training_defaults
 from evolm.runstate import (RunState, check_data_unchanged, checkpoint_state, fill_replay, genome_from_state,
                             restore_search, write_loss_matrix, write_run_info)
 from evolm.stage import GenerationStep, StageHooks, StepBudget, evolve_stage
@@ -81,14 +82,15 @@ class ContinualRun:
         All user input is read and checked before anything is written to the run directory."""
         cfg = self.config
         base = load_base(cfg, self.reporter.message)
+        self.state = state = self._search_state(base)
         (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
         if not resuming:
             write_json(self.run_dir / "experiment.json", cfg.model_dump(mode="json"))
         write_run_info(self.run_dir, cfg)
+        self._write_resolved_config()
         if cfg.model.pretrain:
             pretrain(base, cfg, self.reporter.message)
         base.hold()
-        self.state = state = self._search_state(base)
         self._save_model(0)
         write_samples(self.run_dir, base.model, base.tokenizer, cfg, 0, "base")
         state.loss_matrix = [state.test_row(base.model)]
@@ -98,9 +100,10 @@ class ContinualRun:
     def _start_resumed(self, checkpoint: dict) -> RunState:
         base = load_base(self.config, self.reporter.message, model_dir=str(self.run_dir / checkpoint["base_model"]))
         check_data_unchanged(self.run_dir)
+        self.state = state = self._search_state(base)
         write_json(self.run_dir / "experiment.json", self.config.model_dump(mode="json"))  # an extension, checked
         write_run_info(self.run_dir, self.config)
-        self.state = state = self._search_state(base)
+        self._write_resolved_config()
         state.loss_matrix = checkpoint["loss_matrix"]
         state.summaries = [StageSummary.from_json(s) for s in checkpoint["summaries"]]
         for i, row in enumerate(state.loss_matrix):  # stages were appended: measure earlier models on them
@@ -110,15 +113,18 @@ class ContinualRun:
         return state
 
     def _search_state(self, base) -> RunState:
-        """The search space and training defaults for this model; the resolved config in config.yaml."""
+        """The search space and training defaults for this model, checked against its own layers."""
         cfg = self.config
-        family, n_layers = family_and_layers(base.model)
-        space, training = resolve_space(cfg, family, n_layers), training_defaults(cfg, family)
-        resolved = cfg.model_dump(mode="json")
-        resolved["search"]["space"] = {k: g.model_dump(mode="json") for k, g in space.items()}
-        resolved["training"] = training
-        write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        (family, n_layers), linear = family_and_layers(base.model), linear_layer_names(base.model)
+        space, training = resolve_space(cfg, family, n_layers, linear), training_defaults(cfg, family, linear)
         return RunState(base, Evolution(space, cfg.search, cfg.seed, len(self.objectives)), space, training)
+
+    def _write_resolved_config(self) -> None:
+        """config.yaml: the experiment with the search space and training settings as searched."""
+        resolved = self.config.model_dump(mode="json")
+        resolved["search"]["space"] = {k: g.model_dump(mode="json") for k, g in self.state.space.items()}
+        resolved["training"] = self.state.training
+        write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     # ----- the loop -----------------------------------------------------------------------
     def _loop(self, state: RunState, checkpoint: dict | None) -> list[StageSummary]:

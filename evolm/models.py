@@ -105,6 +105,19 @@ def family_and_layers(model) -> tuple[str, int]:
     return cfg.model_type, int(n_layers)
 
 
+def linear_layer_names(model) -> list[tuple[str, bool]]:
+    """(leaf name, inside attention) of each kind of linear layer in the transformer blocks: what LoRA
+    can target, in the order the model holds them (``lm_head`` and embeddings are outside the blocks)."""
+    seen = {}
+    for path, module in model.named_modules():
+        parts = path.split(".")
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if is_linear and any(p.isdigit() for p in parts[:-1]):
+            in_attention = any("attn" in p.lower() or "attention" in p.lower() for p in parts[:-1])
+            seen.setdefault(parts[-1], in_attention)
+    return list(seen.items())
+
+
 @dataclass
 class ModelPayload:
     """A model as plain data: its config and its weights as numpy arrays (zero-copy in Ray).

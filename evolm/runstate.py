@@ -36,7 +36,7 @@ class RunState:
     evolution: Evolution
     space: dict
     training: dict
-    """``training`` as every evaluation sees it (``config.training_defaults``)."""
+    """``training`` as every evaluation sees it (``searchspace.training_defaults``)."""
     loss_matrix: list[list[float]] = field(default_factory=list)
     """Row i: test losses of the model after stage i (row 0: the base) on every domain."""
     summaries: list[StageSummary] = field(default_factory=list)

@@ -1,6 +1,7 @@
 import pytest
 
-from evolm.config import ExperimentConfig, load_config, parse_config, resolve_space
+from evolm.config import ExperimentConfig, load_config, parse_config
+from evolm.searchspace import resolve_space
 from evolm.errors import ConfigError
 from tests.conftest import tiny_experiment, write_experiment
 
