@@ -293,6 +293,9 @@ class ReplayConfig(Section):
 class CheckpointConfig(Section):
     keep_last: int = Field(default=3, ge=1)
     """Generation checkpoints kept (the newest ones); checkpoints at stage ends are always kept."""
+    keep_adapters: int = Field(default=3, ge=0)
+    """Runners-up whose adapters are kept in PEFT's format beside each stage's winner
+    (``adapters/stage-<k>/peft/``); the other trained adapters are deleted after the merge."""
 
 
 class TrackingConfig(Section):

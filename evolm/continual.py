@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from evolm.adapters import export_stage_adapters
 from evolm.base import load_base, pretrain, with_fixed_threads
 from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint, write_atomic, write_json
 from evolm.config import ExperimentConfig
@@ -28,6 +29,7 @@ from evolm.evaluation import GenerationEvaluator
 from evolm.evolution import Evolution
 from evolm.executor import StagePayload
 from evolm.generate import write_samples
+from evolm.genome import hyperparameters
 from evolm.ledger import StageLedger, repair_logs
 from evolm.models import ModelPayload, family_and_layers, linear_layer_names, load_model, save_model
 from evolm.objectives import resolve_objective
@@ -191,6 +193,10 @@ class ContinualRun:
         method, state.base.model = best_merge(candidates, measure, self.objectives,
                                               rule if "retention" in blocks else {"rule": "min_first"},
                                               state.evolution.fitness_class, say)
+        kept = winners.ranked[: 1 + cfg.checkpoint.keep_adapters]
+        adapters = export_stage_adapters(self.run_dir, k, [
+            (src, hyperparameters(g.values, state.training), ledger.load_adapter(src),
+             dict(zip(self.objectives, g.fitness.values))) for g, src in ((g, winners.source(g, ledger)) for g in kept)])
         self._save_model(k)
         write_samples(self.run_dir, state.base.model, state.base.tokenizer, cfg, k, domain.name)
         state.loss_matrix = state.loss_matrix[:k] + [state.test_row(state.base.model)]
@@ -202,7 +208,7 @@ class ContinualRun:
                                winner=winner.to_json() | {"result_of": winners.sources[0]},
                                winner_objectives=objectives, winner_val_loss=objectives.get("val_loss"),
                                merge_method=method, merged=winners.sources, evaluations=ledger.trained,
-                               steps=ledger.steps_before(), hall_of_fame=[g.id for g in hof],
+                               steps=ledger.steps_before(), hall_of_fame=[g.id for g in hof], adapters=adapters,
                                seconds=time.perf_counter() - start)
         state.summaries = state.summaries[: k - 1] + [summary]
         self.reporter.stage_end(summary)

@@ -113,6 +113,8 @@ class StageSummary(_Record):
     """Evaluations trained in this stage (cached twins and records from before a resume not counted twice)."""
     steps: int = 0
     hall_of_fame: list = field(default_factory=list)
+    adapters: list = field(default_factory=list)
+    """The winner's and the best runners-up's adapters in PEFT's format (paths in the run directory)."""
     seconds: float = 0.0
 
     @property

@@ -26,6 +26,11 @@ class Winners:
     sources: list[str]
     """The genome whose training made each winner's adapter (a cached twin points to its source)."""
     weights: list[float] | None
+    ranked: list[Genome]
+    """Every genome of the hall of fame with finite objectives, best first (the winners lead)."""
+
+    def source(self, g: Genome, ledger: StageLedger) -> str:
+        return ledger.cache[g.key()]["genome_id"]
 
 
 def choose_winners(hof, objectives: list[str], rule: dict, merge: MergeConfig, ledger: StageLedger,
@@ -40,7 +45,7 @@ def choose_winners(hof, objectives: list[str], rule: dict, merge: MergeConfig, l
     if weights is not None and len(chosen) < len(weights):  # fewer finished genomes than top_k
         weights = [w / sum(weights[: len(chosen)]) for w in weights[: len(chosen)]]
         say(f"stage '{stage_name}': only {len(chosen)} genomes to merge; weights {weights}")
-    return Winners(chosen, [ledger.cache[g.key()]["genome_id"] for g in chosen], weights)
+    return Winners(chosen, [ledger.cache[g.key()]["genome_id"] for g in chosen], weights, ranked)
 
 
 def merge_candidates(base_model, winners: Winners, ledger: StageLedger, training: dict, merge: MergeConfig,
