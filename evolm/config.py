@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from evolm.errors import ConfigError
 from evolm.registry import GENE_TYPES
-from evolm.searchspace import KNOWN_GENES, gene_range_problem
+from evolm.searchspace import KNOWN_GENES, LR_SCHEDULERS, gene_range_problem
 from evolm.space import Gene
 
 
@@ -142,8 +142,21 @@ class TrainingConfig(Section):
     eval_max_batches: int | None = Field(default=None, ge=1)
     """Cap on validation batches per evaluation (None: the whole validation split)."""
     max_grad_norm: float = Field(default=1.0, gt=0)
+    lr_scheduler_type: str = "linear"
+    """transformers' learning-rate schedule over max_steps, warming up over warmup_ratio: linear,
+    cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup or inverse_sqrt."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Each batch is processed in this many micro-batches (less activation memory, same gradient)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (less memory, slower)."""
     replay_ratio: float = Field(default=0.0, ge=0, lt=1)
     """Share of each training batch drawn from earlier stages' replay buffer."""
+
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_schedule(cls, name: str) -> str:
+        return _one_of(name, LR_SCHEDULERS, "lr_scheduler_type")
 
 
 class WinnerConfig(Section):

@@ -156,24 +156,25 @@ def dare(deltas_list: list[dict], weights: list[float], density: float, seed: in
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """``delta`` with all but its k = int(density · numel) largest-magnitude entries set to zero
-    (equal magnitudes: the lower flat index is kept)."""
-    if density >= 1.0:
-        return delta.clone()
-    k = int(density * delta.numel())
-    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
-    keep = torch.zeros(delta.numel(), dtype=torch.bool)
-    keep[order[:k]] = True
-    return torch.where(keep.reshape(delta.shape), delta, torch.zeros_like(delta))
+    (PEFT's ``magnitude_based_pruning``)."""
+    from peft.utils.merge_utils import magnitude_based_pruning
+
+    return delta.clone() if density >= 1.0 else magnitude_based_pruning(delta, density)
 
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE's drop-and-rescale: each entry survives with probability ``density``, times 1 / density."""
+    """DARE's drop-and-rescale: each entry survives with probability ``density``, times 1 / density.
+    Not PEFT's ``random_pruning``, which draws from torch's global generator: a seeded generator of
+    its own makes a merge the same whatever else drew random numbers before it (exact resume)."""
     keep = torch.rand(delta.shape, generator=generator) < density
     return torch.where(keep, delta / density, torch.zeros_like(delta))
 
 
 def disjoint_mean(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """TIES's elect + disjoint merge over ``stacked`` (adapters on dim 0) with per-adapter ``weights``."""
+    """TIES's elect + disjoint merge over ``stacked`` (adapters on dim 0) with per-adapter ``weights``.
+    PEFT's ``ties`` elects signs on the unweighted sum and divides by the number of agreeing adapters,
+    so its result scales with the weights; here the weights only set each adapter's share (a weighted
+    mean), as docs/design.md defines TIES."""
     weighted = weights * stacked
     elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
     agree = (stacked != 0) & (torch.sign(stacked) == elected)

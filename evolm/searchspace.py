@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 # Gene names the training loop understands; a gene outside this list would silently do nothing.
 KNOWN_GENES = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers", "learning_rate",
-               "max_steps", "weight_decay", "warmup_ratio", "per_device_train_batch_size", "replay_ratio")
+               "max_steps", "weight_decay", "warmup_ratio", "per_device_train_batch_size", "replay_ratio",
+               "lr_scheduler_type", "gradient_accumulation_steps")
 
 # LoRA targets per model family: (attention only, attention + output, all linear layers).
 TARGET_MODULES = {
@@ -30,6 +31,10 @@ TARGET_MODULES = {
     "llama": [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"],
               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
 }
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+"""transformers' schedulers that are a function of the step alone, so a paused training resumes exactly."""
 
 # What PEFT's LoraConfig and the training loop accept, per numeric gene.
 _WHOLE = (int,)
@@ -43,6 +48,7 @@ GENE_LIMITS = {
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "per_device_train_batch_size": (lambda v: isinstance(v, _WHOLE) and v >= 1, "a whole number >= 1"),
     "replay_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "gradient_accumulation_steps": (lambda v: isinstance(v, _WHOLE) and v >= 1, "a whole number >= 1"),
 }
 
 
@@ -52,6 +58,9 @@ def gene_range_problem(name: str, gene) -> str | None:
         bad = [c for c in getattr(gene, "choices", []) if not (isinstance(c, list) and c
                                                                and all(isinstance(m, str) for m in c))]
         return f"every choice must be a non-empty list of module names (got {bad[0]!r})" if bad else None
+    if name == "lr_scheduler_type":
+        bad = [c for c in getattr(gene, "choices", [None]) if c not in LR_SCHEDULERS]
+        return f"{bad[0]!r} is not one of {', '.join(LR_SCHEDULERS)}" if bad else None
     if name not in GENE_LIMITS or gene.type == "bool":
         return None
     ok, wanted = GENE_LIMITS[name]

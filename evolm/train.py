@@ -28,15 +28,41 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``steps``."""
-    return (step + 1) / (warmup + 1) if step < warmup else max(0.0, (steps - step) / max(1, steps - warmup))
+def lr_schedule(hp: dict, steps: int, optimizer):
+    """The learning-rate factor of each step: transformers' ``get_scheduler`` with ``warmup_ratio``."""
+    from transformers import get_scheduler
+
+    warmup = int(round(hp.get("warmup_ratio", 0.0) * steps))
+    return get_scheduler(hp.get("lr_scheduler_type", "linear"), optimizer, num_warmup_steps=warmup,
+                         num_training_steps=steps).lr_lambdas[0]
+
+
+def _backward(model, x: torch.Tensor, device: torch.device, parts: int) -> float:
+    """Forward and backward of one batch, in ``parts`` micro-batches (gradient accumulation: less
+    activation memory, the same gradient up to rounding); returns the batch's mean loss."""
+    if parts <= 1:
+        with _autocast(device):
+            loss = model(input_ids=x, labels=x).loss
+        if math.isfinite(loss.item()):
+            loss.backward()
+        return loss.item()
+    total = 0.0
+    for chunk in torch.tensor_split(x, min(parts, len(x))):
+        with _autocast(device):
+            loss = model(input_ids=chunk, labels=chunk).loss
+        if not math.isfinite(loss.item()):
+            return loss.item()
+        (loss * (len(chunk) / len(x))).backward()
+        total += loss.item() * len(chunk) / len(x)
+    return total
 
 
 def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
                replay: np.ndarray | None = None, resume: dict | None = None,
                stop_at: int | None = None) -> dict:
-    """AdamW with linear warmup and linear decay over ``max_steps`` random batches of ``blocks``.
+    """AdamW over ``max_steps`` random batches of ``blocks``, the learning rate following
+    ``lr_scheduler_type`` (transformers' schedulers; default linear warmup over ``warmup_ratio``, then
+    linear decay), each batch in ``gradient_accumulation_steps`` micro-batches.
 
     With ``replay`` blocks (earlier stages) and ``hp["replay_ratio"]`` > 0, that share of every
     batch comes from ``replay`` (``evolm.replay.mix_batch_indices``); otherwise nothing changes.
@@ -48,9 +74,9 @@ def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.dev
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     steps, batch = int(hp["max_steps"]), int(hp["per_device_train_batch_size"])
     stop = steps if stop_at is None else max(1, min(int(stop_at), steps))
-    warmup = int(round(hp.get("warmup_ratio", 0.0) * steps))
     lr = hp["learning_rate"]
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=hp.get("weight_decay", 0.0))
+    schedule, parts = lr_schedule(hp, steps, optimizer), int(hp.get("gradient_accumulation_steps", 1))
     generator = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(blocks.astype(np.int64))
     mix = replay_mix(blocks, replay, float(hp.get("replay_ratio", 0.0)), batch, steps, seed)  # None: no replay
@@ -62,16 +88,12 @@ def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.dev
     model.train()
     for step in range(start, stop):
         idx = torch.randint(len(data), (batch,), generator=generator) if mix is None else torch.from_numpy(mix[1][step])
-        x = data[idx].to(device)
-        with _autocast(device):
-            loss = model(input_ids=x, labels=x).loss
-        losses.append(loss.item())
+        losses.append(_backward(model, data[idx].to(device), device, parts))
         if not math.isfinite(losses[-1]):
             break
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), hp.get("max_grad_norm", 1.0))
         for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, warmup)
+            group["lr"] = lr * schedule(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
@@ -145,10 +167,14 @@ def adapter_on(base_model, hp: dict, seed: int, device: torch.device):
 
     torch.manual_seed(seed)
     model = get_peft_model(base_model, lora_config(hp)).to(device)
+    if hp.get("gradient_checkpointing"):  # recompute activations in the backward pass: less memory
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield model
     finally:
         model.unload()
+        if hp.get("gradient_checkpointing"):
+            base_model.gradient_checkpointing_disable()
 
 
 def fine_tune(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,

@@ -212,3 +212,16 @@ def test_best_uses_the_first_winner_alone(trained):
     assert all(torch.equal(best[k], alone[k]) for k in best)
     with pytest.raises(ValueError, match="unknown"):
         merge_winners(base, winners, "slerp")
+
+
+def test_trimming_through_peft_keeps_the_same_entries_as_a_stable_sort():
+    """magnitude_trim delegates to PEFT; on deltas without ties it keeps exactly the top-k by magnitude."""
+    from evolm.merge import magnitude_trim
+
+    delta = torch.randn(64, 48, generator=torch.Generator().manual_seed(3))
+    for density in (0.1, 0.5, 0.9):
+        k = int(density * delta.numel())
+        order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+        expected = torch.zeros(delta.numel())
+        expected[order[:k]] = delta.reshape(-1)[order[:k]]
+        assert torch.equal(magnitude_trim(delta, density), expected.reshape(delta.shape))

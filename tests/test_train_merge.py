@@ -115,3 +115,27 @@ def test_an_evaluation_leaves_the_base_exactly_as_it_was(family, tokenizer):
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()) and set(before) == set(base.state_dict())
     assert again["objectives"] == first["objectives"]  # and the next evaluation sees the same base
     assert all(np.array_equal(again["adapter"][k], first["adapter"][k]) for k in first["adapter"])
+
+
+def test_accumulation_and_checkpointing_train_the_same_adapter(tokenizer):
+    """Micro-batches and recomputed activations save memory; the trained adapter is the same (up to rounding)."""
+    base = tiny("llama", tokenizer)
+    data = {"train": blocks(), "validation": blocks(8, 1)}
+    # micro-batches draw other dropout masks, so that case runs without dropout; checkpointing replays them
+    for dropout, extra in ((0.0, {"gradient_accumulation_steps": 2}), (0.1, {"gradient_checkpointing": True})):
+        hp = hyperparameters({}, training_for("llama", lora_dropout=dropout, max_steps=4))
+        plain = evaluate_genome(base, data, hp, 1, hp, torch.device("cpu"))
+        other = evaluate_genome(base, data, hp | extra, 1, hp, torch.device("cpu"))
+        assert other["objectives"]["val_loss"] == pytest.approx(plain["objectives"]["val_loss"], abs=1e-5)
+        assert all(np.allclose(other["adapter"][k], plain["adapter"][k], atol=1e-5) for k in plain["adapter"])
+    assert not base.is_gradient_checkpointing  # switched off again with the adapter
+
+
+def test_the_learning_rate_follows_transformers_schedules():
+    from evolm.train import lr_schedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    linear = lr_schedule({"warmup_ratio": 0.2}, 10, opt)
+    assert [linear(s) for s in range(4)] == pytest.approx([0.0, 0.5, 1.0, 0.875])
+    cosine = lr_schedule({"warmup_ratio": 0.0, "lr_scheduler_type": "cosine"}, 10, opt)
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5)
