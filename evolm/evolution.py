@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from deap import base, tools
 
@@ -33,13 +33,33 @@ def sel_tournament(pool: list[Genome], k: int, tournsize: int, rng: random.Rando
     return [max((rng.choice(pool) for _ in range(tournsize)), key=lambda g: g.fitness) for _ in range(k)]
 
 
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` dominates ``b`` (every objective minimised): no worse in any, better in one. As DEAP's
+    ``Fitness.dominates`` on weights -1 (a NaN compares as neither better nor worse)."""
+    return not any(x > y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates (the first front), in order."""
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+
+
+def nondominated_ranks(points: Sequence[Sequence[float]]) -> list[int]:
+    """Non-domination rank of each point (0: the first front, 1: the front without it, ...)."""
+    ranks, left, r = [0] * len(points), list(range(len(points))), 0
+    while left:
+        front = set(pareto_front([points[i] for i in left]))
+        for j in front:
+            ranks[left[j]] = r
+        left = [i for n, i in enumerate(left) if n not in front]
+        r += 1
+    return ranks
+
+
 def pareto_ranks(genomes: list[Genome]) -> list[int]:
-    """Non-domination rank of each genome (0: the first front), by DEAP's ``sortNondominated``."""
-    rank = {}
-    for r, front in enumerate(tools.sortNondominated(genomes, len(genomes))):
-        for g in front:
-            rank[id(g)] = r
-    return [rank[id(g)] for g in genomes]
+    """Non-domination rank of each genome by its fitness (0: the first front); as DEAP's
+    ``sortNondominated`` ranks them."""
+    return nondominated_ranks([[-w for w in g.fitness.wvalues] for g in genomes])
 
 
 def crowding_distances(genomes: list[Genome], ranks: list[int]) -> list[float]:

@@ -37,18 +37,21 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def value_text(value: Any) -> str:
+    """One gene value for people: a layer mask as ``1101``, a float to 3 significant digits, a list
+    as ``c_attn+c_proj``, anything else as ``str``."""
+    if isinstance(value, list) and value and all(isinstance(b, bool) for b in value):
+        return "".join("1" if b else "0" for b in value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return str(value)
+
+
 def genome_text(values: dict[str, Any] | None) -> str:
     """One line for people: ``r=8 layers=1101 learning_rate=0.00269 target_modules=c_attn+c_proj``."""
-    parts = []
-    for k, v in (values or {}).items():
-        if isinstance(v, list) and v and all(isinstance(b, bool) for b in v):
-            v = "".join("1" if b else "0" for b in v)
-        elif isinstance(v, float):
-            v = f"{v:.3g}"
-        elif isinstance(v, list):
-            v = "+".join(map(str, v))
-        parts.append(f"{k}={v}")
-    return " ".join(parts)
+    return " ".join(f"{k}={value_text(v)}" for k, v in (values or {}).items())
 
 
 def make_id(run_seed: int, stage: int, generation: int, index: int) -> str:

@@ -9,20 +9,24 @@ Scores are normalised to sum to 1.
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 
-from evolm.rundir import real_evaluations
+from evolm.records import EvaluationRecord, read_records, trained_evaluations
 
 NUMERIC_TYPES = ("int", "uniform", "log_uniform")
 MIN_EVALUATIONS = 4
 
 
 def gene_kind(spec: dict | None, values: list) -> str:
-    """``numeric`` or ``categorical``: from the gene's declared type, else from its values."""
-    if isinstance(spec, dict) and spec.get("type"):
-        return "numeric" if spec["type"] in NUMERIC_TYPES else "categorical"
+    """``numeric``, ``mask`` (a layer mask: one bool per block) or ``categorical``: from the gene's
+    declared type, else from its values (numbers with more than 4 distinct values are numeric).
+    The one definition for the figures (``evolm.plots``) and the importances here."""
+    declared = spec.get("type") if isinstance(spec, dict) else None
+    if declared:
+        return "numeric" if declared in NUMERIC_TYPES else "mask" if declared == "layer_mask" else "categorical"
+    if values and all(isinstance(v, list) and v and all(isinstance(b, bool) for b in v) for v in values):
+        return "mask"
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     return "numeric" if numbers and len({*values}) > 4 else "categorical"
 
@@ -69,17 +73,15 @@ def gene_importance(rows: list[dict], fitness: list[float], space: dict | None =
     return dict(sorted(shares.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def stage_importances(evaluations: list[dict], space: dict | None = None) -> dict[int, dict[str, float]]:
-    """Per stage, gene importances over its ok evaluations that really ran (not served from the
-    cache; ``evolm.rundir.real_evaluations``); stages with fewer than ``MIN_EVALUATIONS`` are left out."""
+def stage_importances(evaluations: list[EvaluationRecord], space: dict | None = None) -> dict[int, dict[str, float]]:
+    """Per stage, gene importances over its ok evaluations that really ran
+    (``evolm.records.trained_evaluations``); stages with fewer than ``MIN_EVALUATIONS`` are left out.
+    ``evaluations``: records, or rows of evaluations.jsonl."""
     by_stage: dict[int, tuple[list, list]] = {}
-    for e in real_evaluations(evaluations):
-        loss = (e.get("objectives") or {}).get("val_loss") if e.get("status") == "ok" else None
-        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            continue
-        if isinstance(e.get("values"), dict) and isinstance(e.get("stage"), int):
-            rows, fit = by_stage.setdefault(e["stage"], ([], []))
-            rows.append(e["values"])
-            fit.append(float(loss))
+    for e in trained_evaluations(read_records(EvaluationRecord, evaluations)):
+        if e.val_loss is not None and isinstance(e.values, dict) and isinstance(e.stage, int):
+            rows, fit = by_stage.setdefault(e.stage, ([], []))
+            rows.append(e.values)
+            fit.append(e.val_loss)
     return {k: gene_importance(rows, fit, space) for k, (rows, fit) in sorted(by_stage.items())
             if len(rows) >= MIN_EVALUATIONS}

@@ -13,22 +13,23 @@ from collections import deque
 
 from matplotlib.figure import Figure
 
-from evolm.rundir import val_loss
+from evolm.records import EvaluationRecord, read_records
 
 MAX_NODES = 40
 
 
-def ancestry(evaluations: list[dict], genome_id: str, max_nodes: int = MAX_NODES) -> dict:
+def ancestry(evaluations: list[EvaluationRecord], genome_id: str, max_nodes: int = MAX_NODES) -> dict:
     """``{"root": id, "nodes": {id: {stage, generation, val_loss, ops}}, "edges": [[parent, child, op]],
-    "truncated": bool}``: the genome and its ancestors, nearest first, at most ``max_nodes``."""
-    born, best = {}, {}
-    for e in evaluations:
-        gid = e.get("genome_id")
-        if gid is None:
+    "truncated": bool}``: the genome and its ancestors, nearest first, at most ``max_nodes``.
+    ``evaluations``: records, or rows of evaluations.jsonl."""
+    born: dict[str, EvaluationRecord] = {}
+    best: dict[str, float] = {}
+    for e in read_records(EvaluationRecord, evaluations):
+        if not e.genome_id:
             continue
-        born.setdefault(gid, e)  # the first record of a genome is its birth place
-        if (v := val_loss(e)) is not None and e.get("stage") == born[gid].get("stage"):
-            best.setdefault(gid, v)
+        born.setdefault(e.genome_id, e)  # the first record of a genome is its birth place
+        if (v := e.val_loss) is not None and e.stage == born[e.genome_id].stage:
+            best.setdefault(e.genome_id, v)
     nodes, edges, queue, truncated = {}, [], deque([genome_id]), False
     while queue:
         gid = queue.popleft()
@@ -37,12 +38,12 @@ def ancestry(evaluations: list[dict], genome_id: str, max_nodes: int = MAX_NODES
         if len(nodes) >= max_nodes:
             truncated = True
             break
-        record = born.get(gid, {})
-        ops = list(record.get("ops") or [])
-        inherited = (record.get("inherited") or {}).get("from")
-        nodes[gid] = {"stage": record.get("stage"), "generation": record.get("generation"),
-                      "val_loss": best.get(gid), "ops": ops, "inherited_from": inherited}
-        for parent in dict.fromkeys(record.get("parents") or []):  # a genome crossed with itself: one edge
+        record = born.get(gid) or EvaluationRecord(stage=None, generation=None)  # an ancestor not logged
+        ops = list(record.ops or [])
+        inherited = (record.inherited or {}).get("from")
+        nodes[gid] = {"stage": record.stage, "generation": record.generation, "val_loss": best.get(gid), "ops": ops,
+                      "inherited_from": inherited}
+        for parent in dict.fromkeys(record.parents or []):  # a genome crossed with itself: one edge
             edges.append([parent, gid, operator_label(ops) + (" +weights" if parent == inherited else "")])
             queue.append(parent)
     edges = [e for e in edges if e[0] in nodes]

@@ -17,10 +17,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from evolm.importance import stage_importances
+from evolm.evolution import pareto_front
+from evolm.genome import value_text
+from evolm.importance import gene_kind, stage_importances
 from evolm.lineage import ancestry, draw_lineage
 from evolm.metrics import forgetting
-from evolm.rundir import RunRecords, load_run, val_loss
+from evolm.rundir import RunRecords, load_run
 
 log = logging.getLogger(__name__)
 DPI = 100
@@ -55,30 +57,31 @@ def _save(fig: Figure, path: Path) -> Path:
 # ----- generations on one axis ------------------------------------------------------------------
 def generation_keys(run: RunRecords) -> list[tuple[int, int]]:
     """Every (stage, generation) the logs mention, in order: the global generation axis."""
-    keys = {(g["stage"], g["generation"]) for g in run.generations}
-    keys |= {(e["stage"], e["generation"]) for e in run.evaluations}
+    keys = {(g.stage, g.generation) for g in run.generations}
+    keys |= {(e.stage, e.generation) for e in run.evaluations}
     return sorted(k for k in keys if all(isinstance(v, int) for v in k))
 
 
 def fitness_series(run: RunRecords) -> dict:
     """best / median / worst val_loss per generation (None where unknown); a generation without a
     generations.jsonl line yet is ``partial``: its values come from the evaluations done so far."""
-    keys, logged = generation_keys(run), {(g["stage"], g["generation"]): g for g in run.generations}
+    keys, logged = generation_keys(run), {(g.stage, g.generation): g for g in run.generations}
     series = {"x": list(range(len(keys))), "keys": keys, "best": [], "median": [], "worst": [], "partial": []}
     for key in keys:
         if key in logged:
-            stats = {s: logged[key].get(s) for s in ("best", "median", "worst")}
+            g = logged[key]
+            stats = {"best": g.best, "median": g.median, "worst": g.worst}
         else:
-            losses = sorted(v for e in run.evaluations if (e["stage"], e["generation"]) == key
-                            if (v := val_loss(e)) is not None)
+            losses = sorted(v for e in run.evaluations if (e.stage, e.generation) == key
+                            if (v := e.val_loss) is not None)
             stats = ({"best": losses[0], "median": statistics.median(losses), "worst": losses[-1]} if losses
                      else {"best": None, "median": None, "worst": None})
         for s, v in stats.items():
             series[s].append(v if isinstance(v, (int, float)) else None)
         series["partial"].append(key not in logged)
     index = {k: i for i, k in enumerate(keys)}
-    series["failed"] = [(index[(e["stage"], e["generation"])], e.get("genome_id"), e.get("error"))
-                        for e in run.evaluated() if e.get("status") == "failed"]
+    series["failed"] = [(index[(e.stage, e.generation)], e.genome_id, e.error)
+                        for e in run.evaluated() if not e.ok and (e.stage, e.generation) in index]
     names, first = run.stage_names(), {}
     for i, (stage, _) in enumerate(keys):
         first.setdefault(stage, i)
@@ -131,16 +134,16 @@ def _genomes_by_generation(run: RunRecords) -> tuple[list[tuple[int, int]], list
     evaluated so far."""
     values = {}
     for e in run.evaluations:
-        if isinstance(e.get("values"), dict):
-            values.setdefault(e.get("genome_id"), e["values"])
-    logged = {(g["stage"], g["generation"]): g.get("population") or [] for g in run.generations}
+        if isinstance(e.values, dict):
+            values.setdefault(e.genome_id, e.values)
+    logged = {(g.stage, g.generation): g.population or [] for g in run.generations}
     keys, groups = generation_keys(run), []
     for key in keys:
         if key in logged:
             groups.append([values[i] for i in logged[key] if i in values])
         else:
-            groups.append([e["values"] for e in run.evaluations
-                           if (e["stage"], e["generation"]) == key and isinstance(e.get("values"), dict)])
+            groups.append([e.values for e in run.evaluations
+                           if (e.stage, e.generation) == key and isinstance(e.values, dict)])
     return keys, groups
 
 
@@ -156,7 +159,7 @@ def gene_series(run: RunRecords) -> dict[str, dict]:
         if not flat:
             continue
         spec = space.get(gene) or {}
-        kind = _kind(spec, flat)
+        kind = gene_kind(spec, flat)
         entry = {"kind": kind, "x": list(range(len(keys))), "log": spec.get("type") == "log_uniform"}
         if kind == "numeric":
             entry["values"] = seen
@@ -166,29 +169,11 @@ def gene_series(run: RunRecords) -> dict[str, dict]:
                                 for i in range(n)] for grp in seen]
         else:
             cats = sorted({json.dumps(v) for v in flat}, key=lambda c: (len(c), c))
-            entry["categories"] = [_short(json.loads(c)) for c in cats]
+            entry["categories"] = [value_text(json.loads(c)) for c in cats]
             entry["shares"] = [[(sum(1 for v in grp if json.dumps(v) == c) / len(grp)) if grp else 0.0
                                 for c in cats] for grp in seen]
         out[gene] = entry
     return out
-
-
-def _kind(spec: dict, values: list) -> str:
-    t = spec.get("type")
-    if t == "layer_mask" or (t is None and all(isinstance(v, list) and all(isinstance(b, bool) for b in v)
-                                               for v in values)):
-        return "mask"
-    if t in ("int", "uniform", "log_uniform"):
-        return "numeric"
-    if t is None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return "numeric"
-    return "categorical"
-
-
-def _short(value) -> str:
-    if isinstance(value, list):
-        return "+".join(map(str, value))
-    return str(value)
 
 
 def plot_genes(run: RunRecords, out: Path) -> Plot | None:
@@ -273,20 +258,15 @@ def plot_lineage(run: RunRecords, stage: int, out: Path) -> Plot | None:
     return Plot(_save(fig, out / f"lineage_stage{stage}.png"), graph)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (both objectives minimised)."""
-    return [i for i, (a, b) in enumerate(points)
-            if not any((c <= a and d <= b) and (c < a or d < b) for c, d in points)]
-
-
 def plot_pareto(run: RunRecords, stage: int, out: Path) -> Plot | None:
     """Only for runs that search two or more objectives (the first two are drawn)."""
     names = list((run.config.get("search") or {}).get("objectives") or ["val_loss"])[:2]
-    evals = [e for e in run.evaluated() if e.get("stage") == stage and e.get("status") == "ok"]
-    if len(names) < 2 or not evals:
+    if len(names) < 2:
         return None
-    points = [(float(e["objectives"][names[0]]), float(e["objectives"][names[1]])) for e in evals
-              if all(isinstance(e["objectives"].get(n), (int, float)) for n in names)]
+    points = [(x, y) for e in run.evaluated() if e.stage == stage
+              if (x := e.objective(names[0])) is not None and (y := e.objective(names[1])) is not None]
+    if not points:
+        return None
     front = pareto_front(points)
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()

@@ -17,7 +17,8 @@ from evolm.checkpoint import write_atomic
 from evolm.genome import genome_text
 from evolm.plots import plot_run
 from evolm.metrics import backward_transfer, forgetting, perplexity
-from evolm.rundir import RunRecords, load_run, val_loss
+from evolm.records import utilisation
+from evolm.rundir import RunRecords, load_run
 
 TOP_GENOMES = 5
 CSS = """
@@ -67,9 +68,9 @@ def _td(value, cls: str = "") -> str:
 
 # ----- sections ---------------------------------------------------------------------------------
 def _experiment(run: RunRecords) -> str:
-    cfg, search = run.config, run.config.get("search") or {}
+    cfg, search, evaluated = run.config, run.config.get("search") or {}, run.evaluated()
     state = ("finished" if run.finished else
-             "<span class=\"bad\">not finished</span> (no summary.json: running, stopped or crashed)")
+             "<span class=\"bad\">not finished</span> (summary.json lacks a stage: running, stopped or crashed)")
     stages = ", ".join(f"{k} {_e(n)}" for k, n in run.stage_names().items())
     model = cfg.get("model") or {}
     built = " ".join(f"{k}={v}" for k, v in (model.get("build") or {}).items())
@@ -84,27 +85,24 @@ def _experiment(run: RunRecords) -> str:
             [_td("search"), _td(", ".join(f"{k}={search[k]}" for k in keys if k in search))],
             [_td("search space"), _td(", ".join((search.get("space") or {}).keys()))],
             [_td("workers"), _td(run.workers())], [_td("state"), f"<td>{state}</td>"],
-            [_td("evaluations"), _td(f"{len(run.evaluated())} "
-                                     f"({sum(1 for e in run.evaluated() if e.get('status') == 'failed')} failed)")]]
+            [_td("evaluations"), _td(f"{len(evaluated)} ({sum(1 for e in evaluated if not e.ok)} failed)")]]
     return (f"<h1>evolm run {_e(run.name)}</h1><p class=\"muted\">report written "
             f"{datetime.now():%Y-%m-%d %H:%M} from {_e(run.path)}</p>" + _table([], rows))
 
 
 def _stages(run: RunRecords) -> str:
-    summaries = {s.get("stage"): s for s in run.stage_summaries()}
-    rows = []
+    rows, evaluated = [], run.evaluated()
     for k, name in run.stage_names().items():
-        s = summaries.get(k)
-        evals = [e for e in run.evaluated() if e.get("stage") == k]
+        s = run.summary_of(k)
+        evals = [e for e in evaluated if e.stage == k]
         if s:
-            w = s.get("winner") or {}
-            rows.append([_td(k), _td(name), _td(f"{_num(s.get('start_loss'))} → {_num(s.get('end_loss'))}", "num"),
-                         f"<td><code>{_e(w.get('id', '?'))}</code></td>", _td(_num(s.get("winner_val_loss")), "num"),
-                         f"<td><code>{_e(genome_text(w.get('values')))}</code></td>",
-                         _td(s.get("evaluations", len(evals)), "num"), _td(f"{s.get('seconds', 0):.0f} s", "num")])
+            rows.append([_td(k), _td(name), _td(f"{_num(s.start_loss)} → {_num(s.end_loss)}", "num"),
+                         f"<td><code>{_e(s.winner_id or '?')}</code></td>", _td(_num(s.winner_val_loss), "num"),
+                         f"<td><code>{_e(genome_text(s.winner.get('values')))}</code></td>",
+                         _td(len(evals), "num"), _td(f"{s.seconds or 0:.0f} s", "num")])
         else:
-            gens = [g for g in run.generations if g.get("stage") == k]
-            seconds = sum(g.get("seconds") or 0 for g in gens)
+            gens = [g for g in run.generations if g.stage == k]
+            seconds = sum(g.seconds or 0 for g in gens)
             rows.append([_td(k), _td(name), _td("not merged", "muted"), _td(""), _td(""),
                          _td(f"{len(gens)} generation(s) logged"), _td(len(evals), "num"),
                          _td(f"{seconds:.0f} s", "num")])
@@ -158,15 +156,15 @@ def _top_genomes(run: RunRecords) -> str:
     out = ["<h2>Best genomes of each stage</h2>"]
     for k, name in run.stage_names().items():
         seen, best = set(), []
-        for e in sorted((e for e in run.evaluations if e.get("stage") == k and val_loss(e) is not None),
-                        key=val_loss):
-            key = genome_text(e.get("values"))
+        for e in sorted((e for e in run.evaluations if e.stage == k and e.val_loss is not None),
+                        key=lambda e: e.val_loss):
+            key = genome_text(e.values)
             if key not in seen:
                 seen.add(key)
                 best.append(e)
-        rows = [[f"<td><code>{_e(e.get('genome_id'))}</code></td>", _td(e.get("generation"), "num"),
-                 _td(_num(val_loss(e)), "num"), f"<td><code>{_e(genome_text(e.get('values')))}</code></td>",
-                 _td("; ".join(e.get("ops") or [])), _td(f"{e.get('seconds') or 0:.1f} s", "num")]
+        rows = [[f"<td><code>{_e(e.genome_id)}</code></td>", _td(e.generation, "num"),
+                 _td(_num(e.val_loss), "num"), f"<td><code>{_e(genome_text(e.values))}</code></td>",
+                 _td("; ".join(e.ops or [])), _td(f"{e.seconds or 0:.1f} s", "num")]
                 for e in best[:TOP_GENOMES]]
         if rows:
             out.append(f"<h3>Stage {k}: {_e(name)}</h3>"
@@ -175,14 +173,14 @@ def _top_genomes(run: RunRecords) -> str:
 
 
 def _failures(run: RunRecords) -> str:
-    failed = [e for e in run.evaluated() if e.get("status") == "failed"]
+    failed = [e for e in run.evaluated() if not e.ok]
     if not failed:
         return "<h2>Failed evaluations</h2><p>none</p>"
-    rows = [[_td(e.get("stage")), _td(e.get("generation"), "num"), f"<td><code>{_e(e.get('genome_id'))}</code></td>",
-             f"<td><code>{_e(genome_text(e.get('values')))}</code></td>",
-             f"<td class=\"bad\">{_e(e.get('error'))}" + (f"<details><summary>traceback</summary><pre>"
-                                                           f"{_e(e['traceback'])}</pre></details>"
-                                                           if e.get("traceback") else "") + "</td>"]
+    rows = [[_td(e.stage), _td(e.generation, "num"), f"<td><code>{_e(e.genome_id)}</code></td>",
+             f"<td><code>{_e(genome_text(e.values))}</code></td>",
+             f"<td class=\"bad\">{_e(e.error)}" + (f"<details><summary>traceback</summary><pre>"
+                                                   f"{_e(e.traceback)}</pre></details>" if e.traceback else "")
+             + "</td>"]
             for e in failed]
     return (f"<h2>Failed evaluations ({len(failed)})</h2><p>Each got the worst fitness; the run went on.</p>"
             + _table(["stage", "gen", "genome", "values", "error"], rows))
@@ -207,19 +205,19 @@ def _samples(run: RunRecords) -> str:
 def time_accounting(run: RunRecords) -> dict:
     """Seconds by kind of work, per stage and in all. ``utilisation`` = evaluation seconds /
     (search wall seconds x workers); ``idle`` = the rest of the workers' time during the search."""
-    workers, summaries, stats = run.workers(), {s.get("stage"): s for s in run.stage_summaries()}, {}
+    workers, evaluated, stats = run.workers(), run.evaluated(), {}
     for k in run.stage_names():
-        evals = [e for e in run.evaluated() if e.get("stage") == k]
-        search_wall = sum(g.get("seconds") or 0 for g in run.generations if g.get("stage") == k)
-        total = sum(e.get("seconds") or 0 for e in evals)
-        train = sum(e.get("train_seconds") or 0 for e in evals)
-        stage_wall = (summaries.get(k) or {}).get("seconds") or search_wall
+        evals = [e for e in evaluated if e.stage == k]
+        search_wall = sum(g.seconds or 0 for g in run.generations if g.stage == k)
+        total = sum(e.seconds or 0 for e in evals)
+        train = sum(e.train_seconds or 0 for e in evals)
+        stage_wall = (s.seconds if (s := run.summary_of(k)) else 0) or search_wall
         stats[k] = {"train": train, "validation": max(0.0, total - train), "evaluation": total,
                     "search_wall": search_wall, "idle": max(0.0, search_wall * workers - total),
                     "merge_and_test": max(0.0, stage_wall - search_wall), "wall": stage_wall}
     all_ = {key: sum(s[key] for s in stats.values()) for key in next(iter(stats.values()), {})}
     for s in [*stats.values(), all_]:
-        s["utilisation"] = s["evaluation"] / (s["search_wall"] * workers) if s.get("search_wall") else None
+        s["utilisation"] = utilisation(s.get("evaluation", 0), s.get("search_wall", 0), workers)
     return {"workers": workers, "stages": stats, "total": all_}
 
 

@@ -1,58 +1,112 @@
-"""A results directory as data: what plots, the report and ``evolm generate`` read.
+"""A results directory as data: the one reader behind status, plots, the report, lineage,
+importance and ``evolm generate``.
 
-Works on a finished, a running or a crashed run: every file is optional, a torn last JSON line is
-skipped, a file that cannot be parsed is logged and treated as absent. Nothing here writes.
+Works on a finished, a running or a crashed run: apart from experiment.json (what makes a folder a
+run directory) every file is optional, a torn last JSON line is skipped, a file that cannot be
+parsed is logged and treated as absent. Records are typed (``evolm.records``). Nothing here writes.
+
+Three definitions live here and nowhere else:
+    a run directory   a folder holding experiment.json (``open_run_dir``)
+    finished          summary.json holds a summary for every configured stage (``RunRecords.finished``)
+    an evaluation     a fine-tune that really ran (``RunRecords.evaluated``, i.e. ``trained_evaluations``)
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import yaml
 
-from evolm.checkpoint import read_jsonl
+from evolm.checkpoint import latest_checkpoint, read_jsonl
 from evolm.errors import RunDirError
 from evolm.metrics import infer_learned_at
+from evolm.records import EvaluationRecord, GenerationRecord, StageSummary, read_records, trained_evaluations
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class CheckpointInfo:
+    """What the newest whole checkpoint says about where the run stands."""
+
+    tag: str | None = None
+    stage: int = 0
+    generation: int | None = None
+    stage_done: bool = False
+    elapsed: float | None = None
+    """Run seconds spent up to this checkpoint (all sessions of a resumed run)."""
+    warnings: list[str] = field(default_factory=list)
+    """One per newer checkpoint that was corrupt and skipped."""
+
+
+@dataclass
 class RunRecords:
     path: Path
+    experiment: dict = field(default_factory=dict)
+    """experiment.json: the run's experiment as given (an extended one after ``resume --experiment``)."""
     config: dict = field(default_factory=dict)
-    evaluations: list[dict] = field(default_factory=list)
-    generations: list[dict] = field(default_factory=list)
+    """config.yaml: the experiment resolved for the model (search space bound, training defaults)."""
+    evaluations: list[EvaluationRecord] = field(default_factory=list)
+    """Every line of evaluations.jsonl, cached twins included; see ``evaluated`` for counting."""
+    generations: list[GenerationRecord] = field(default_factory=list)
+    summaries: list[StageSummary] = field(default_factory=list)
+    """summary.json's stages: one per merged stage, as of the last time a run (or resume) ended."""
     loss_matrix: dict | None = None
-    summary: dict | None = None
+    metrics: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
+    run_info: dict = field(default_factory=dict)
+    """run.json: the process running the run (pid, host) and the data digests."""
 
     @property
     def name(self) -> str:
         return self.path.name
 
     @property
+    def configured_stages(self) -> int:
+        """Stages the run's experiment has (more than summary.json knows after stages were appended)."""
+        stages = self.experiment.get("stages") or self.config.get("stages") or []
+        return len(stages) if isinstance(stages, list) else 0
+
+    @property
     def finished(self) -> bool:
-        return self.summary is not None
+        """summary.json holds a summary for every configured stage. A resumed run with stages appended
+        keeps its old summary.json (fewer stages) until it ends: not finished."""
+        done = {s.stage for s in self.summaries}
+        n = self.configured_stages
+        return bool(done) and (n == 0 or done >= set(range(1, n + 1)))
+
+    def evaluated(self) -> list[EvaluationRecord]:
+        """The evaluations of every count (status, report, figures, importance): fine-tunes that
+        really ran, cached twins and repeats left out (``evolm.records.trained_evaluations``)."""
+        return trained_evaluations(self.evaluations)
+
+    @cached_property
+    def checkpoint(self) -> CheckpointInfo:
+        """The newest whole checkpoint (read on first use: it loads torch to check the RNG state)."""
+        state, warnings = latest_checkpoint(self.path)
+        if state is None:
+            return CheckpointInfo(warnings=warnings)
+        return CheckpointInfo(tag=state.get("tag"), stage=state.get("stage", 0), generation=state.get("generation"),
+                              stage_done=bool(state.get("stage_done")), elapsed=state.get("elapsed"),
+                              warnings=warnings)
 
     def stage_names(self) -> dict[int, str]:
         """Stage index -> name, from the config, then from whatever the logs mention."""
         names = {i: s.get("name", str(i)) for i, s in enumerate(self.config.get("stages") or [], start=1)
                  if isinstance(s, dict)}
-        for r in self.evaluations + self.generations:
-            names.setdefault(r.get("stage"), r.get("stage_name", str(r.get("stage"))))
+        for r in [*self.evaluations, *self.generations]:
+            names.setdefault(r.stage, r.stage_name or str(r.stage))
         return {k: v for k, v in sorted(names.items()) if isinstance(k, int)}
 
-    def stage_summaries(self) -> list[dict]:
-        return [s for s in (self.summary or {}).get("stages", []) if isinstance(s, dict)]
+    def summary_of(self, stage: int) -> StageSummary | None:
+        return next((s for s in self.summaries if s.stage == stage), None)
 
     def finished_stages(self) -> dict[int, str]:
         """Stage -> winner id, for every stage whose merge happened."""
-        winners = {s["stage"]: s["winner"]["id"] for s in self.stage_summaries()
-                   if isinstance(s.get("winner"), dict) and "id" in s["winner"]}
+        winners = {s.stage: s.winner_id for s in self.summaries if s.winner_id is not None}
         rows = (self.loss_matrix or {}).get("rows") or []
         for k in range(1, len(rows)):  # a running run: a loss-matrix row k means stage k merged
             if k not in winners and (w := self._best_of_last_generation(k)):
@@ -60,15 +114,11 @@ class RunRecords:
         return dict(sorted(winners.items()))
 
     def _best_of_last_generation(self, stage: int) -> str | None:
-        gens = [g for g in self.generations if g.get("stage") == stage]
-        ids = set(gens[-1].get("population") or []) if gens else set()
-        fit = {e["genome_id"]: val_loss(e) for e in self.evaluations
-               if e.get("stage") == stage and e.get("genome_id") in ids and val_loss(e) is not None}
+        gens = [g for g in self.generations if g.stage == stage]
+        ids = set(gens[-1].population or []) if gens else set()
+        fit = {e.genome_id: e.val_loss for e in self.evaluations
+               if e.stage == stage and e.genome_id in ids and e.val_loss is not None}
         return min(fit, key=fit.get) if fit else None
-
-    def evaluated(self) -> list[dict]:
-        """One record per fine-tune that really ran: see ``real_evaluations``."""
-        return real_evaluations(self.evaluations)
 
     def learned_at(self) -> list[int | None]:
         """Per loss-matrix column, the row that learned it: 0 for a base domain, k for stage k,
@@ -96,50 +146,54 @@ class RunRecords:
     def workers(self) -> int:
         """Evaluations that could run at once: the config's ray.num_workers, else the workers seen."""
         n = (self.config.get("ray") or {}).get("num_workers")
-        seen = {e.get("worker") for e in self.evaluated() if e.get("worker")}
+        seen = {e.worker for e in self.evaluated() if e.worker}
         if isinstance(n, int) and n >= 1:
             return min(n, len(seen)) if seen else n
         return max(1, len(seen))
 
 
-def load_run(path: str | Path) -> RunRecords:
-    """Everything a run directory holds; RunDirError if it is not a run directory."""
+def open_run_dir(path: str | Path) -> dict:
+    """The experiment of a run directory (experiment.json, written before anything else of a run),
+    or a RunDirError saying why ``path`` is not one."""
     path = Path(path)
     if not path.is_dir():
-        raise RunDirError(f"{path}: no such run directory (give a folder under results/, e.g. "
-                          f"results/quickstart-20250101-120000)")
-    if not (path / "config.yaml").is_file() and not (path / "evaluations.jsonl").is_file():
-        raise RunDirError(f"{path}: not a run directory (no config.yaml and no evaluations.jsonl); "
-                          f"give the folder that `evolm run` created under results/")
+        raise RunDirError(f"{path}: no such run directory; runs are in results/<run name>/ "
+                          f"(e.g. results/quickstart-20250101-120000)")
+    file = path / "experiment.json"
+    if not file.is_file():
+        raise RunDirError(f"{path}: not an evolm run directory (no experiment.json; not a run directory that "
+                          f"`evolm run` created); runs are in results/<run name>/")
+    try:
+        experiment = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        experiment = None
+    if not isinstance(experiment, dict):
+        raise RunDirError(f"{file}: unreadable (not a JSON object); the run directory is damaged")
+    return experiment
+
+
+read_experiment = open_run_dir
+"""The name ``evolm.api`` reads the experiment by."""
+
+
+def load_run(path: str | Path) -> RunRecords:
+    """Everything a run directory holds, typed; RunDirError if it is not a run directory."""
+    path = Path(path)
+    experiment = open_run_dir(path)
+    summary = _read(path / "summary.json", json.loads)
     return RunRecords(
         path=path,
-        config=_read(path / "config.yaml", yaml.safe_load) or {},
-        evaluations=read_jsonl(path / "evaluations.jsonl"),
-        generations=_last_per_key(read_jsonl(path / "generations.jsonl"), ("stage", "generation")),
+        experiment=experiment,
+        config=_dict(_read(path / "config.yaml", yaml.safe_load)),
+        evaluations=read_records(EvaluationRecord, read_jsonl(path / "evaluations.jsonl")),
+        generations=read_records(GenerationRecord, _last_per_key(read_jsonl(path / "generations.jsonl"),
+                                                                 ("stage", "generation"))),
+        summaries=read_records(StageSummary, _dict(summary).get("stages") or []),
         loss_matrix=_valid_matrix(_read(path / "loss_matrix.json", json.loads)),
-        summary=_read(path / "summary.json", json.loads),
+        metrics=_dict(_read(path / "metrics.json", json.loads)),
         samples=_last_per_key(read_jsonl(path / "samples.jsonl"), ("stage", "prompt")),
+        run_info=_dict(_read(path / "run.json", json.loads)),
     )
-
-
-def real_evaluations(evaluations: list[dict]) -> list[dict]:
-    """The records of evaluations that ran: records served from the cache are left out, and so are
-    repeats of one result (same stage and ``result_of`` / genome id), whatever their ``cached`` flag."""
-    seen, out = set(), []
-    for e in evaluations:
-        key = (e.get("stage"), e.get("result_of") or e.get("genome_id"))
-        if not e.get("cached") and (key[1] is None or key not in seen):
-            seen.add(key)
-            out.append(e)
-    return out
-
-
-def val_loss(evaluation: dict) -> float | None:
-    """The validation loss of an ok evaluation, else None."""
-    if evaluation.get("status") != "ok":
-        return None
-    v = (evaluation.get("objectives") or {}).get("val_loss")
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def _read(path: Path, parse):
@@ -150,6 +204,10 @@ def _read(path: Path, parse):
     except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
         log.warning("%s: unreadable (%s); ignored", path, str(exc).splitlines()[0] if str(exc) else exc)
         return None
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _valid_matrix(lm) -> dict | None:
@@ -163,10 +221,10 @@ def _valid_matrix(lm) -> dict | None:
     return lm | {"columns": cols, "rows": rows, "matrix": matrix}
 
 
-def _last_per_key(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
+def _last_per_key(records: list, keys: tuple[str, ...]) -> list[dict]:
     """One record per key (a resumed run may repeat a line): the last one, in first-seen order."""
     out: dict[tuple, dict] = {}
     for r in records:
-        out[tuple(json.dumps(r.get(k)) for k in keys)] = r
+        if isinstance(r, dict):
+            out[tuple(json.dumps(r.get(k)) for k in keys)] = r
     return list(out.values())
-

@@ -52,6 +52,8 @@ def test_numeric_genes_are_binned_by_quantiles():
     assert group_labels([[True, False], [True, False], 4], "categorical") == ["[true, false]"] * 2 + ["4"]
     assert gene_kind({"type": "int"}, [1]) == "numeric" and gene_kind({"type": "bool"}, [True]) == "categorical"
     assert gene_kind(None, [0.1, 0.2, 0.3, 0.4, 0.5]) == "numeric" and gene_kind(None, ["a", "b"]) == "categorical"
+    assert gene_kind({"type": "layer_mask"}, [[True, False]]) == gene_kind(None, [[True], [False, True]]) == "mask"
+    assert group_labels([[True, False], [True, False]], "mask") == ["[true, false]"] * 2  # grouped by pattern
 
 
 def test_stage_importances_use_ok_uncached_evaluations_only():

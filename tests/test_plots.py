@@ -6,8 +6,9 @@ from PIL import Image
 
 from evolm.checkpoint import read_jsonl
 from evolm.cli import main
+from evolm.evolution import pareto_front
 from evolm.lineage import ancestry, operator_label
-from evolm.plots import pareto_front, plot_pareto, plot_run
+from evolm.plots import plot_pareto, plot_run
 from evolm.rundir import load_run
 from tests.tiny_runs import crashed_copy, make_tiny_run
 

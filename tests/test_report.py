@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from evolm.checkpoint import append_jsonl, read_jsonl
+from evolm.records import EvaluationRecord, read_records, trained_evaluations
 from evolm.report import time_accounting, write_report
-from evolm.rundir import load_run, real_evaluations
+from evolm.rundir import load_run
+from evolm.status import format_status, run_status
 from tests.tiny_runs import PROMPTS, crashed_copy, make_tiny_run
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -65,19 +67,20 @@ def test_samples_side_by_side_for_every_stage(run_dir, page):
 
 def test_time_accounting_adds_up(run_dir):
     acc = time_accounting(load_run(run_dir))
-    evals = real_evaluations(read_jsonl(run_dir / "evaluations.jsonl"))
+    evals = trained_evaluations(read_records(EvaluationRecord, read_jsonl(run_dir / "evaluations.jsonl")))
     assert acc["workers"] == 1  # LocalExecutor: one worker seen, though the config asks for two
-    assert acc["total"]["train"] == pytest.approx(sum(e["train_seconds"] for e in evals))
-    assert acc["total"]["evaluation"] == pytest.approx(sum(e["seconds"] for e in evals))
+    assert acc["total"]["train"] == pytest.approx(sum(e.train_seconds for e in evals))
+    assert acc["total"]["evaluation"] == pytest.approx(sum(e.seconds for e in evals))
     for stage in acc["stages"].values():
         assert 0 < stage["utilisation"] <= 1.0 and stage["wall"] >= stage["search_wall"]
 
 
 def test_an_evaluation_counts_once_whatever_its_cached_flag_says():
     first = {"stage": 1, "genome_id": "a", "result_of": "a", "cached": False}
-    records = [first, first | {"generation": 2}, {"stage": 1, "genome_id": "b", "result_of": "a", "cached": True},
-               {"stage": 2, "genome_id": "a", "result_of": "a", "cached": False}, {"stage": 1, "genome_id": "c"}]
-    assert real_evaluations(records) == [first, records[3], records[4]]
+    records = read_records(EvaluationRecord, [
+        first, first | {"generation": 2}, {"stage": 1, "genome_id": "b", "result_of": "a", "cached": True},
+        {"stage": 2, "genome_id": "a", "result_of": "a", "cached": False}, {"stage": 1, "genome_id": "c"}])
+    assert trained_evaluations(records) == [records[0], records[3], records[4]]
 
 
 def test_text_from_files_is_escaped(run_dir, tmp_path):
@@ -98,6 +101,41 @@ def test_report_of_a_crashed_run(run_dir, tmp_path):
     page = write_report(crashed_copy(run_dir, tmp_path / "crashed")).read_text()
     assert "not finished" in page and "not merged" in page
     assert len(DATA_URI.findall(page)) == 5  # no lineage for the stage that never merged
+
+
+def report_count(page: str) -> int:
+    """The report's evaluation count: the "evaluations" row of its experiment table."""
+    return int(re.search(r"<tr><td>evaluations</td><td>(\d+) \(\d+ failed\)</td></tr>", page).group(1))
+
+
+def test_status_counts_the_evaluations_the_report_counts(run_dir, page, tmp_path):
+    """One definition of an evaluation: status's "evaluated" is the report's count, finished or crashed."""
+    status = run_status(run_dir)
+    assert status["state"] == "finished" and status["evaluations_done"] == report_count(page) > 0
+    assert status["evaluations_planned"] == status["evaluations_done"]  # finished: what it did is the plan
+    assert status["estimated_seconds_left"] is None
+    assert f"evaluated  {report_count(page)} (0 failed" in format_status(status)
+    crashed = crashed_copy(run_dir, tmp_path / "crashed")
+    crashed_status = run_status(crashed)
+    crashed_page = write_report(crashed).read_text()
+    assert crashed_status["state"] != "finished"  # "running": run.json names this test's process
+    assert crashed_status["evaluations_done"] == report_count(crashed_page) <= status["evaluations_done"]
+    # not finished: the upper bound, population + generations x offspring per stage
+    assert crashed_status["evaluations_planned"] == 2 * (3 + 1 * 3)
+    assert (f"evaluated  {crashed_status['evaluations_done']} of at most 12 planned"
+            in format_status(crashed_status))
+    assert crashed_status["estimated_seconds_left"] > 0
+
+
+def test_a_run_with_stages_appended_is_not_finished_until_every_stage_is_summarised(run_dir, tmp_path):
+    grown = tmp_path / "grown"
+    shutil.copytree(run_dir, grown, ignore=shutil.ignore_patterns("plots", "report.html"))
+    experiment = json.loads((grown / "experiment.json").read_text())
+    experiment["stages"].append(dict(experiment["stages"][-1], name="more"))
+    (grown / "experiment.json").write_text(json.dumps(experiment))  # as `resume --experiment` leaves it mid-way
+    run = load_run(grown)
+    assert len(run.summaries) == 2 and run.configured_stages == 3 and not run.finished
+    assert run_status(grown)["state"] != "finished" and load_run(run_dir).finished
 
 
 def chromium():
