@@ -36,8 +36,8 @@ class MemoryProbe(Reporter):
         self.worker_pids, self.rows = set(), []
 
     def evaluation_done(self, record):
-        if record.get("worker"):
-            self.worker_pids.add(int(record["worker"].rsplit(":", 1)[1]))
+        if record.worker:
+            self.worker_pids.add(int(record.worker.rsplit(":", 1)[1]))
 
     def generation_end(self, record):
         workers = {}
@@ -46,7 +46,7 @@ class MemoryProbe(Reporter):
                 workers[pid] = psutil.Process(pid).memory_info().rss / MB
             except psutil.NoSuchProcess:
                 continue
-        row = {"generation": record["generation"], "driver_mb": psutil.Process().memory_info().rss / MB,
+        row = {"generation": record.generation, "driver_mb": psutil.Process().memory_info().rss / MB,
                "workers_mb": workers}
         self.rows.append(row)
         print(f"gen {row['generation']:>2}: driver {row['driver_mb']:.0f} MB, workers "

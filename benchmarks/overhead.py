@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from evolm.config import load_config  # noqa: E402
+from evolm.base import load_base  # noqa: E402
 from evolm.continual import ContinualRun  # noqa: E402
+from evolm.reporting import Reporter  # noqa: E402
+from evolm.runstate import fill_replay  # noqa: E402
 from evolm.executor import RayExecutor  # noqa: E402
 from evolm.genome import evaluation_seed, hyperparameters  # noqa: E402
 from evolm.train import evaluate_genome  # noqa: E402
@@ -47,26 +50,30 @@ def run(config, args) -> dict:
     # evolm: stage 1's generation 0 evaluates `genomes` random genomes on Ray, with every record written.
     config = config.model_copy(update={"stages": config.stages[:1]})
     run_dir = args.out / "evolm"
-    holder = {}
+    holder = {"genomes": []}
 
-    class Timed(ContinualRun):
-        def _generation(self, search, gen, new, everyone, hof):
-            holder["genomes"] = [(g.id, g.values) for g in new]
-            holder["base"], holder["training"] = self.base, self.training
-            holder["blocks"] = {s: search.domain.blocks[s] for s in ("train", "validation", "replay") if s in search.domain.blocks}
-            if len(self.replay):
-                holder["blocks"]["replay"] = self.replay.blocks()
-            start = time.perf_counter()
-            super()._generation(search, gen, new, everyone, hof)
-            holder["evolm_seconds"] = time.perf_counter() - start
+    class Timed(Reporter):  # the generation's wall seconds and its genomes, as the run records them
+        def evaluation_done(self, record):
+            holder["genomes"].append((record.genome_id, record.values))
+
+        def generation_end(self, record):
+            holder["evolm_seconds"] = record.seconds
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a ledger left by an earlier run would be taken as finished work
-    Timed(config, run_dir, lambda: RayExecutor(config.ray)).run()
+    run = ContinualRun(config, run_dir, lambda: RayExecutor(config.ray), Timed())
+    run.run()
+    # the base, blocks and settings stage 1 searched with: the saved stage-0 model, the run's own domains
+    base = load_base(config, model_dir=str(run_dir / "models" / "stage-0"))
+    training = run.state.training
+    blocks = {s: base.stage_domain(1).blocks[s] for s in ("train", "validation")}
+    replay = fill_replay(config, base, 1)
+    if len(replay):
+        blocks["replay"] = replay.blocks()
+    holder.update(base=base.model, blocks=blocks, training=training)
 
     # raw: the same genomes, same seeds, same base and blocks, a plain loop
     threads = torch.get_num_threads()
     torch.set_num_threads(int(args.workers * config.ray.num_cpus_per_trial))
-    training = holder["training"]
     start = time.perf_counter()
     for genome_id, values in holder["genomes"]:
         hp = hyperparameters(values, training)

@@ -20,7 +20,7 @@ import torch
 from evolm import data as stage_data
 from evolm.config import ExperimentConfig
 from evolm.models import build_model, load_model, resolve_dtype, train_tokenizer
-from evolm.train import evaluate, train_loop
+from evolm.train import evaluate, pick_device, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ class Base:
     dtype: torch.dtype = torch.float32
     """What the base is held in during the search (``model.dtype``); a built model is pretrained in
     float32 first, then cast (``hold``)."""
+    device: torch.device = torch.device("cpu")
+    """Where the driver's own work runs (pretraining, merges, test losses, samples): the evaluations'
+    kind of device (a GPU when ``ray.num_gpus_per_trial`` > 0 and the driver has one)."""
 
     def hold(self) -> None:
         self.model.to(self.dtype)
@@ -85,7 +88,8 @@ def prepare_base(config: ExperimentConfig, say=log.info, pretrain_steps: int | N
 def load_base(config: ExperimentConfig, say=log.info, model_dir: str | None = None) -> Base:
     """Every domain and the model before pretraining: built, loaded from ``model.name_or_path``, or
     from ``model_dir`` (a resumed run's current base). All user input is read and checked here."""
-    dtype = resolve_dtype(config.model.dtype, torch.device("cpu"))  # the driver's device
+    device = pick_device(config.ray.num_gpus_per_trial > 0)
+    dtype = resolve_dtype(config.model.dtype, device)
     pretrain_docs, stage_docs = read_documents(config)
     if model_dir is not None:
         model, tokenizer = load_model(model_dir, dtype)
@@ -96,9 +100,9 @@ def load_base(config: ExperimentConfig, say=log.info, model_dir: str | None = No
         model = build_model(config.model.build, len(tokenizer), config.block_size, config.seed)
     else:
         model, tokenizer = load_model(config.model.name_or_path, torch.float32 if config.model.pretrain else dtype)
-    model.eval()
+    model.to(device).eval()
     return Base(model, tokenizer, tokenize_domains(config, tokenizer, pretrain_docs, stage_docs),
-                1 if config.model.pretrain else 0, dtype)
+                1 if config.model.pretrain else 0, dtype, device)
 
 
 def pretrain(base: Base, config: ExperimentConfig, say=log.info, max_steps: int | None = None) -> None:
@@ -111,14 +115,13 @@ def pretrain(base: Base, config: ExperimentConfig, say=log.info, max_steps: int 
         return
     say(f"pretraining the base on '{p.name}' for {hp['max_steps']} steps")
     start = time.perf_counter()
-    curve = with_fixed_threads(train_loop, base.model, base.domains[0].blocks["train"], hp, config.seed,
-                               torch.device("cpu"))
+    curve = with_fixed_threads(train_loop, base.model, base.domains[0].blocks["train"], hp, config.seed, base.device)
     say(f"pretraining: loss {curve['first']:.3f} -> {curve['tail_mean']:.3f} in {time.perf_counter() - start:.0f}s")
 
 
 def test_losses(model, domains: list[Domain], eval_batch_size: int) -> list[float]:
     """Test loss on each domain, never capped: the loss matrix is the record."""
-    return [evaluate(model, d.blocks["test"], eval_batch_size, None) for d in domains]
+    return [evaluate(model, d.blocks["test"], eval_batch_size, None, model.device) for d in domains]
 
 
 def with_fixed_threads(fn, *args, **kwargs):

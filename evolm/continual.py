@@ -111,6 +111,7 @@ class ContinualRun:
         for i, row in enumerate(state.loss_matrix):  # stages were appended: measure earlier models on them
             if len(row) < len(base.domains):
                 model, _ = load_model(str(self.run_dir / "models" / f"stage-{i}"), base.dtype)
+                model.to(base.device)
                 row += state.test_row(model, base.domains[len(row):])
         return state
 

@@ -137,8 +137,8 @@ class _StageRunner:
 class LocalExecutor:
     """Evaluations one after another in this process (tests, debugging, ``--no-ray``)."""
 
-    def __init__(self, threads: int = 1):
-        self.runner = _StageRunner(threads, use_gpu=False)
+    def __init__(self, threads: int = 1, use_gpu: bool = False):
+        self.runner = _StageRunner(threads, use_gpu)
         self.workers = 1
 
     def set_stage(self, stage: StagePayload) -> None:
@@ -158,6 +158,76 @@ class LocalExecutor:
         pass
 
 
+def _actor_runtime_env(ray, env: dict | None) -> dict | None:
+    """``ray.runtime_env`` for ``.options(runtime_env=...)`` of each worker, for a Ray that was
+    running before evolm (so ``ray.init`` took none from it). Ray takes local working_dir /
+    py_modules paths only in ``ray.init``: they are uploaded here with Ray's own helpers, as
+    ``ray.init`` does."""
+    if not env or not {"working_dir", "py_modules"} & env.keys():
+        return env
+    import inspect
+    import tempfile
+
+    env = dict(env)
+    try:
+        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+        from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+        for upload in (upload_py_modules_if_needed, upload_working_dir_if_needed):
+            extra = ({"include_gitignore": os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"}
+                     if "include_gitignore" in inspect.signature(upload).parameters else {})
+            with tempfile.TemporaryDirectory(prefix="evolm-runtime-env-") as scratch:
+                env = upload(env, scratch_dir=scratch, logger=log, **extra)
+    except (ImportError, AttributeError, TypeError) as exc:  # this Ray has no such helpers
+        log.warning("ray.runtime_env: working_dir and py_modules are not applied (%s): Ray was started before "
+                    "evolm and this Ray version cannot take local paths per worker; give them to ray.init", exc)
+        return {k: v for k, v in env.items() if k not in ("working_dir", "py_modules")} or None
+    except (ray.exceptions.RuntimeEnvSetupError, ValueError, OSError) as exc:
+        raise ClusterError(f"cannot upload ray.runtime_env to Ray: {_gist(str(exc))}; "
+                           f"fix ray.runtime_env.working_dir / py_modules") from None
+    log.info("Ray was running before evolm: ray.runtime_env is given to each worker")
+    return env
+
+
+def _gist(text: str, limit: int = 600) -> str:
+    """One line out of a long Ray message: pip's own ERROR line, else the last exception line."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()]
+    pick = ([line for line in lines if line.startswith("ERROR:")]
+            or [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)] or lines or [""])[-1]
+    node = re.search(r"\[Node ([^\]]+)\]", text)
+    pick = f"{pick} (node {node.group(1)})" if node else pick
+    return pick if len(pick) <= limit else pick[:limit] + " ..."
+
+
+def _environment_problem(ray, exc: BaseException) -> ClusterError | None:
+    """A worker that cannot start where Ray placed it (its runtime_env cannot be set up there, or it
+    cannot import evolm or a module evolm needs): a problem of the cluster to fix, not a failure of
+    the genome, and the same for every evaluation sent there."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if isinstance(exc, ray.exceptions.RuntimeEnvSetupError):
+        return ClusterError(f"Ray cannot set up ray.runtime_env on a node: {_gist(text)}; fix ray.runtime_env "
+                            f"(pip requirements the nodes can install, paths that exist) and resume the run")
+    missing = re.search(r"No module named '([\w.]+)'", text)
+    if missing is None or not isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)):
+        return None
+    module, where = missing.group(1), re.search(r"\bip=([0-9A-Fa-f.:]+)", text)
+    where = f" on {where.group(1)}" if where else ""
+    top = module.split(".")[0]
+    if top == "evolm":
+        fix = "set ray.runtime_env.ship_evolm: true, or install evolm on every node"
+    else:
+        import importlib.metadata
+
+        dists = importlib.metadata.packages_distributions().get(top) or []
+        try:
+            pin = f"'{dists[0]}=={importlib.metadata.version(dists[0])}'" if dists else f"'{top}'"
+        except importlib.metadata.PackageNotFoundError:
+            pin = f"'{dists[0]}'"
+        fix = f"add {pin} to ray.runtime_env.pip (or ray.runtime_env.py_modules), or install it on every node"
+    return ClusterError(f"a Ray worker{where} cannot import {module} (No module named '{module}'): {fix}; "
+                        f"then resume the run")
+
+
 class RayExecutor:
     """Evaluations spread over Ray actors, one per concurrent trial, on a local or joined cluster."""
 
@@ -167,23 +237,28 @@ class RayExecutor:
         self.ray = ray
         self.cfg, self.workers = cfg, workers or cfg.num_workers
         address = address or cfg.address
+        runtime_env, actor_env = cfg.runtime_env.as_ray(), None
         if not ray.is_initialized():
             try:
                 if address:
-                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+                    ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
                 else:
                     # address="local": a new cluster of our own, even if another Ray runs on this machine
                     ray.init(address="local", num_cpus=math.ceil(self.workers * cfg.num_cpus_per_trial),
                              num_gpus=math.ceil(self.workers * cfg.num_gpus_per_trial) or None,
                              include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
-                             log_to_driver=False, configure_logging=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ClusterError(f"cannot start or join Ray (address={address or 'local'}): {exc}; "
-                                   f"check ray.address / --ray-address") from None
+                             runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RuntimeEnvSetupError) as exc:
+                raise ClusterError(f"cannot start or join Ray (address={address or 'local'}): {_gist(str(exc))}; "
+                                   f"check ray.address / --ray-address"
+                                   + (" and ray.runtime_env" if runtime_env else "")) from None
+        else:  # a Ray started before evolm (a library user's, the tests'): the env goes with each worker
+            actor_env = _actor_runtime_env(ray, runtime_env)
         threads = max(1, int(cfg.num_cpus_per_trial))
         worker_cls = ray.remote(_RayWorker).options(
             num_cpus=cfg.num_cpus_per_trial, num_gpus=cfg.num_gpus_per_trial,
-            max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)
+            max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries,
+            **({"runtime_env": actor_env} if actor_env else {}))
         self.actors = [worker_cls.remote(threads, cfg.num_gpus_per_trial > 0) for _ in range(self.workers)]
         self.stage_ref = None
 
@@ -219,7 +294,10 @@ class RayExecutor:
         ray = self.ray
         try:
             return ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.RuntimeEnvSetupError) as exc:
+            problem = _environment_problem(ray, exc)
+            if problem is not None:  # the worker cannot run here at all: stop, nothing recorded as failed
+                raise problem from None
             # the worker died more often than max_retries, or failed outside the evaluation
             failure = {"error": f"worker died: {str(exc).splitlines()[0]}"}
             if isinstance(exc, ray.exceptions.RayTaskError):  # record the worker's exception, not Ray's wrapper
@@ -263,5 +341,6 @@ class _RayWorker:
 
 
 # An executor factory: (RayConfig, address) -> an object with set_stage, map, close and ``workers``.
-EXECUTORS.register("local", lambda cfg, address=None: LocalExecutor(threads=max(1, int(cfg.num_cpus_per_trial))))
+EXECUTORS.register("local", lambda cfg, address=None: LocalExecutor(threads=max(1, int(cfg.num_cpus_per_trial)),
+                                                                    use_gpu=cfg.num_gpus_per_trial > 0))
 EXECUTORS.register("ray", lambda cfg, address=None: RayExecutor(cfg, address=address, workers=cfg.num_workers))

@@ -15,6 +15,7 @@ chose to run, imported in the driver and on every worker.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,6 +55,11 @@ class Objective:
     direction: str = "minimize"
     needs: str | None = None
     """A block set the objective needs (``retention``); without it the objective is not measured."""
+
+    def __reduce__(self):
+        # A user's function travels by value: a Ray worker need not be able to import its module
+        # (a test file, a notebook, a script). Ray's wire, never a file on disk.
+        return _objective_from_wire, (self.name, _function_bytes(self.measure), self.direction, self.needs)
 
     def value(self, ctx: EvalContext) -> float:
         """The measured number in evolm's direction (lower is better); refuses a non-number."""
@@ -107,3 +113,23 @@ def measure_all(requested: list[Objective], ctx: EvalContext) -> dict[str, float
     with torch.no_grad():
         return {o.name: o.value(ctx) for o in wanted if o.needs is None or o.needs in ctx.blocks}
 
+
+
+def _function_bytes(fn) -> bytes:
+    from ray import cloudpickle  # pickling happens on the way to Ray workers only
+
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    by_value = module is not None and module.__name__ != "__main__" and not module.__name__.startswith("evolm")
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(fn)
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _objective_from_wire(name: str, function: bytes, direction: str, needs: str | None) -> Objective:
+    from ray import cloudpickle  # pickling happens on the way to Ray workers only
+
+    return Objective(name, cloudpickle.loads(function), direction, needs)

@@ -51,7 +51,7 @@ class RunState:
     def eval_loss(self, model, blocks: np.ndarray) -> float:
         from evolm.train import evaluate
 
-        return evaluate(model, blocks, self.training["eval_batch_size"], self.training["eval_max_batches"])
+        return evaluate(model, blocks, self.training["eval_batch_size"], self.training["eval_max_batches"], model.device)
 
     def retention_blocks(self, k: int) -> np.ndarray:
         """Validation blocks of every domain before stage k, in equal shares within the evaluation cap."""

@@ -64,7 +64,12 @@ def gene_range_problem(name: str, gene) -> str | None:
     if name not in GENE_LIMITS or gene.type == "bool":
         return None
     ok, wanted = GENE_LIMITS[name]
-    values = gene.choices if gene.type == "categorical" else [gene.low, gene.high]
+    if hasattr(gene, "choices"):
+        values = gene.choices
+    elif hasattr(gene, "low") and hasattr(gene, "high"):
+        values = [gene.low, gene.high]
+    else:
+        return None  # a registered gene type of the user's: its range is its own business
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             return f"value {v!r} is outside what the fine-tune accepts: {name} must be {wanted}; change the range"

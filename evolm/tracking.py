@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from evolm.errors import EvolmError
+from evolm.genome import value_text
 from evolm.records import EvaluationRecord, GenerationRecord, StageSummary
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,7 @@ def require(module: str, package: str, setting: str):
 
 def gene_params(values: dict) -> dict[str, str | int | float | bool]:
     """Gene values as flat scalars for tracking tools (lists become text, masks bits)."""
-    out = {}
-    for name, v in (values or {}).items():
-        if isinstance(v, list):
-            v = "".join("1" if b else "0" for b in v) if all(isinstance(b, bool) for b in v) else "+".join(map(str, v))
-        out[name] = v
-    return out
+    return {name: value_text(v) if isinstance(v, list) else v for name, v in (values or {}).items()}
 
 
 def _run_params(config) -> dict:

@@ -8,6 +8,7 @@ global torch RNG state changes; a paused training saves and restores it).
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -19,7 +20,15 @@ from evolm.replay import replay_mix
 
 
 def pick_device(use_gpu: bool) -> torch.device:
-    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    """A GPU when asked for and present, made deterministic (a resumed run then equals an
+    uninterrupted one there too); else the CPU."""
+    if not (use_gpu and torch.cuda.is_available()):
+        return torch.device("cpu")
+    # cuBLAS needs a fixed workspace for deterministic results; it must be set before its first use.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    return torch.device("cuda")
 
 
 def _autocast(device: torch.device):

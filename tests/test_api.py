@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pytest
 import torch
@@ -95,7 +96,7 @@ def test_registered_parts_are_valid_config_names(corpora, tmp_path):
         return sorted(genomes, key=lambda g: g.id, reverse=True)
 
     class Fixed(evolm.GeneType):
-        type: str = "fixed"
+        type: Literal["fixed"]
         value: float
 
         def sample(self, rng):
