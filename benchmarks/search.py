@@ -110,13 +110,13 @@ class Trials:
     def admit(self, hp: dict) -> bool:
         if self.committed >= self.budget:
             return False
-        self.committed += int(hp["max_steps"])
+        self.committed += int(hp.max_steps)
         return True
 
     def record(self, hp: dict, result: dict, values: dict) -> None:
         ok = result["status"] == "ok"
         steps = int((result.get("curve") or {}).get("steps", 0))
-        self.committed += steps - int(hp["max_steps"])
+        self.committed += steps - int(hp.max_steps)
         self.rows.append({"values": values, "val_loss": result["objectives"]["val_loss"] if ok else INF,
                           "steps": steps, "status": result["status"], "error": result.get("error")})
 

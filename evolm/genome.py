@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform")
@@ -66,27 +66,60 @@ def evaluation_seed(run_seed: int, stage: int, genome_id: str) -> int:
     return int(digest[:8], 16)
 
 
-def hyperparameters(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Hyperparameters:
+    """What one training runs with: a genome's genes over the experiment's ``training`` settings
+    (names as in PEFT's ``LoraConfig`` and transformers' ``TrainingArguments``). The LoRA fields are
+    None for a full fine-tune (pretraining)."""
+
+    learning_rate: float
+    max_steps: int
+    per_device_train_batch_size: int
+    r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    target_modules: list | None = None
+    layers_to_transform: list | None = None
+    """Blocks that get LoRA (from the ``layers`` mask gene); None: all."""
+    fan_in_fan_out: bool = False
+    """GPT-2's Conv1D stores its weights transposed."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    replay_ratio: float = 0.0
+
+    @classmethod
+    def of(cls, hp: "Hyperparameters | dict[str, Any]") -> "Hyperparameters":
+        """``hp`` itself, or the fields of a dict (other keys, e.g. evaluation settings, are ignored)."""
+        if isinstance(hp, cls):
+            return hp
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in hp.items() if k in names})
+
+    @property
+    def scaling(self) -> float:
+        """LoRA's ΔW = scaling · B·A."""
+        return float(self.lora_alpha) / int(self.r)
+
+
+def hyperparameters(values: dict[str, Any], defaults: dict[str, Any]) -> Hyperparameters:
     """Gene values over the experiment's defaults; a layer mask becomes ``layers_to_transform``."""
     hp = dict(defaults)
     hp.update(values)
     mask = hp.pop("layers", None)
     if mask is not None:
         hp["layers_to_transform"] = [i for i, on in enumerate(mask) if on]
-    return hp
+    return Hyperparameters.of(hp)
 
 
-def lora_config(hp: dict[str, Any]):
+def lora_config(hp: Hyperparameters | dict[str, Any]):
     """The PEFT ``LoraConfig`` of a genome's hyperparameters."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=int(hp["r"]),
-        lora_alpha=float(hp["lora_alpha"]),
-        lora_dropout=float(hp["lora_dropout"]),
-        target_modules=list(hp["target_modules"]),
-        layers_to_transform=hp.get("layers_to_transform"),
-        fan_in_fan_out=bool(hp.get("fan_in_fan_out", False)),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    hp = Hyperparameters.of(hp)
+    return LoraConfig(r=int(hp.r), lora_alpha=float(hp.lora_alpha), lora_dropout=float(hp.lora_dropout),
+                      target_modules=list(hp.target_modules), layers_to_transform=hp.layers_to_transform,
+                      fan_in_fan_out=bool(hp.fan_in_fan_out), bias="none", task_type="CAUSAL_LM")

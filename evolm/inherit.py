@@ -17,9 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def scaling(hp: dict) -> float:
-    return float(hp["lora_alpha"]) / int(hp["r"])
+from evolm.genome import Hyperparameters
 
 
 def resize_pair(a: np.ndarray, b: np.ndarray, s_parent: float, s_child: float,
@@ -38,12 +36,13 @@ def resize_pair(a: np.ndarray, b: np.ndarray, s_parent: float, s_child: float,
     return new_a.astype(child_a.dtype), new_b.astype(child_b.dtype)
 
 
-def inherit_adapter(model, parent: dict[str, np.ndarray], parent_hp: dict, child_hp: dict) -> dict:
+def inherit_adapter(model, parent: dict[str, np.ndarray], parent_hp, child_hp) -> dict:
     """Load the parent's adapter into the child's fresh PEFT ``model`` in place; returns what was taken."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     child = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
-    s_parent, s_child = scaling(parent_hp), scaling(child_hp)
+    parent_hp, child_hp = Hyperparameters.of(parent_hp), Hyperparameters.of(child_hp)
+    s_parent, s_child = parent_hp.scaling, child_hp.scaling
     new, shared, fresh = {}, 0, 0
     for key_a in (k for k in child if k.endswith("lora_A.weight")):
         key_b = key_a[: -len("lora_A.weight")] + "lora_B.weight"
@@ -58,4 +57,4 @@ def inherit_adapter(model, parent: dict[str, np.ndarray], parent_hp: dict, child
         if loaded.unexpected_keys:  # PEFT renamed something: say so instead of training from scratch silently
             raise ValueError(f"inherited adapter keys do not fit the child model: {loaded.unexpected_keys[:3]}")
     return {"modules_shared": shared, "modules_fresh": fresh,
-            "rank": [int(parent_hp["r"]), int(child_hp["r"])], "resized": int(parent_hp["r"]) != int(child_hp["r"])}
+            "rank": [int(parent_hp.r), int(child_hp.r)], "resized": int(parent_hp.r) != int(child_hp.r)}

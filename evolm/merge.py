@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import torch
 
-from evolm.genome import lora_config
+from evolm.genome import Hyperparameters, lora_config
 from evolm.registry import MERGE_STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -55,19 +55,19 @@ def lora_deltas(base_model, hp: dict, adapter: dict[str, np.ndarray]) -> dict[st
 
     ``adapter`` is PEFT's state dict (``base_model.model.<module>.lora_A.weight`` / ``lora_B``),
     as ``evaluate_genome`` returns it. Each delta is float32 and shaped like the base weight
-    (transposed when ``hp['fan_in_fan_out']``, i.e. GPT-2's Conv1D).
+    (transposed when ``hp.fan_in_fan_out``, i.e. GPT-2's Conv1D).
     """
-    params = dict(base_model.named_parameters())
-    scale = float(hp["lora_alpha"]) / int(hp["r"])
+    params, hp = dict(base_model.named_parameters()), Hyperparameters.of(hp)
+    scale = hp.scaling
     deltas = {}
     for name, (a, b) in _lora_pairs(adapter).items():
         if name not in params:
             raise ValueError(f"adapter module for '{name}' has no weight of that name in the base model")
-        if a.shape[0] != int(hp["r"]) or b.shape[1] != int(hp["r"]):
+        if a.shape[0] != int(hp.r) or b.shape[1] != int(hp.r):
             raise ValueError(f"'{name}': lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not have "
-                             f"rank r={hp['r']} of the genome")
+                             f"rank r={hp.r} of the genome")
         delta = scale * (b @ a)  # (out, in), as torch.nn.Linear stores it
-        if hp.get("fan_in_fan_out", False):
+        if hp.fan_in_fan_out:
             delta = delta.T  # Conv1D stores (in, out)
         if delta.shape != params[name].shape:
             raise ValueError(f"'{name}': delta {tuple(delta.shape)} does not match the base weight "

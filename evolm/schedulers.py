@@ -67,7 +67,7 @@ class SuccessiveHalving:
                 if done is not None:
                     results[g.id] = done
                 else:
-                    stop = None if last else rung_steps(ev.hp(g)["max_steps"], rung, rungs, factor)
+                    stop = None if last else rung_steps(ev.hp(g).max_steps, rung, rungs, factor)
                     requests.append(ev.request(gen, g, rung, stop))
 
             def on_result(result: dict, rung=rung, last=last) -> None:

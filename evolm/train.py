@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from evolm.genome import lora_config
+from evolm.genome import Hyperparameters, lora_config
 from evolm.replay import replay_mix
 
 
@@ -37,12 +37,13 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
-def lr_schedule(hp: dict, steps: int, optimizer):
+def lr_schedule(hp, steps: int, optimizer):
     """The learning-rate factor of each step: transformers' ``get_scheduler`` with ``warmup_ratio``."""
     from transformers import get_scheduler
 
-    warmup = int(round(hp.get("warmup_ratio", 0.0) * steps))
-    return get_scheduler(hp.get("lr_scheduler_type", "linear"), optimizer, num_warmup_steps=warmup,
+    hp = Hyperparameters.of(hp)
+    warmup = int(round(hp.warmup_ratio * steps))
+    return get_scheduler(hp.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                          num_training_steps=steps).lr_lambdas[0]
 
 
@@ -66,29 +67,29 @@ def _backward(model, x: torch.Tensor, device: torch.device, parts: int) -> float
     return total
 
 
-def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
+def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int, device: torch.device,
                replay: np.ndarray | None = None, resume: dict | None = None,
                stop_at: int | None = None) -> dict:
     """AdamW over ``max_steps`` random batches of ``blocks``, the learning rate following
     ``lr_scheduler_type`` (transformers' schedulers; default linear warmup over ``warmup_ratio``, then
     linear decay), each batch in ``gradient_accumulation_steps`` micro-batches.
 
-    With ``replay`` blocks (earlier stages) and ``hp["replay_ratio"]`` > 0, that share of every
+    With ``replay`` blocks (earlier stages) and ``hp.replay_ratio`` > 0, that share of every
     batch comes from ``replay`` (``evolm.replay.mix_batch_indices``); otherwise nothing changes.
     ``stop_at`` pauses after that many steps (the schedule still spans ``max_steps``) and the
     returned curve carries ``state``: what ``resume`` needs to go on exactly as if never paused
     (successive halving). Returns a summary of the training curve; stops early when the loss
     stops being finite.
     """
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    steps, batch = int(hp["max_steps"]), int(hp["per_device_train_batch_size"])
+    params, hp = {n: p for n, p in model.named_parameters() if p.requires_grad}, Hyperparameters.of(hp)
+    steps, batch = int(hp.max_steps), int(hp.per_device_train_batch_size)
     stop = steps if stop_at is None else max(1, min(int(stop_at), steps))
-    lr = hp["learning_rate"]
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=hp.get("weight_decay", 0.0))
-    schedule, parts = lr_schedule(hp, steps, optimizer), int(hp.get("gradient_accumulation_steps", 1))
+    lr = hp.learning_rate
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=hp.weight_decay)
+    schedule, parts = lr_schedule(hp, steps, optimizer), int(hp.gradient_accumulation_steps)
     generator = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(blocks.astype(np.int64))
-    mix = replay_mix(blocks, replay, float(hp.get("replay_ratio", 0.0)), batch, steps, seed)  # None: no replay
+    mix = replay_mix(blocks, replay, float(hp.replay_ratio), batch, steps, seed)  # None: no replay
     if mix is not None:
         data = torch.from_numpy(mix[0].astype(np.int64))
     start, losses = 0, []
@@ -100,7 +101,7 @@ def train_loop(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.dev
         losses.append(_backward(model, data[idx].to(device), device, parts))
         if not math.isfinite(losses[-1]):
             break
-        torch.nn.utils.clip_grad_norm_(list(params.values()), hp.get("max_grad_norm", 1.0))
+        torch.nn.utils.clip_grad_norm_(list(params.values()), hp.max_grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(step)
         optimizer.step()
@@ -175,14 +176,15 @@ def adapter_on(base_model, hp: dict, seed: int, device: torch.device):
     from peft import get_peft_model
 
     torch.manual_seed(seed)
+    hp = Hyperparameters.of(hp)
     model = get_peft_model(base_model, lora_config(hp)).to(device)
-    if hp.get("gradient_checkpointing"):  # recompute activations in the backward pass: less memory
+    if hp.gradient_checkpointing:  # recompute activations in the backward pass: less memory
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield model
     finally:
         model.unload()
-        if hp.get("gradient_checkpointing"):
+        if hp.gradient_checkpointing:
             base_model.gradient_checkpointing_disable()
 
 

@@ -1,4 +1,5 @@
 """Retention as an objective, replay and multi-adapter merges in whole (tiny) runs."""
+import dataclasses
 import json
 import math
 
@@ -109,7 +110,7 @@ def test_replay_ratio_changes_training(corpora, tmp_path):
                               "learning_rate": 1e-2, "max_steps": 5, "per_device_train_batch_size": 4,
                               "fan_in_fan_out": True, "replay_ratio": 0.5})
     with_replay = evaluate_genome(base, blocks, hp, 1, training, torch.device("cpu"))
-    without = evaluate_genome(base, blocks, hp | {"replay_ratio": 0.0}, 1, training, torch.device("cpu"))
+    without = evaluate_genome(base, blocks, dataclasses.replace(hp, replay_ratio=0.0), 1, training, torch.device("cpu"))
     assert any(not np.array_equal(with_replay["adapter"][k], without["adapter"][k]) for k in without["adapter"])
 
 

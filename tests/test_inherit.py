@@ -132,8 +132,9 @@ def test_parent_choice_without_the_first_objective_measured(tmp_path):
                                                     values={"r": 4, "lora_alpha": 8}, objectives={"val_loss": 3.0})
         ledger.save_adapter(gid, {"w": np.zeros((2, 2), np.float32)})
     evaluator = GenerationEvaluator(tmp_path, 1, "code", ledger, None, None, ["retention_loss", "val_loss"],
-                                    {"r": 8, "lora_alpha": 16}, 0, HalvingConfig(), True)
+                                    {"r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "max_steps": 4,
+                                     "per_device_train_batch_size": 2}, 0, HalvingConfig(), True)
     child = Genome(values={"r": 2}, id="cc", parents=["bb", "aa"], born=(1, 1))
     taken = evaluator._inheritance(1, child)
-    assert taken["from"] == "aa" and taken["hp"]["r"] == 4 and set(taken["adapter"]) == {"w"}
+    assert taken["from"] == "aa" and taken["hp"].r == 4 and set(taken["adapter"]) == {"w"}
     assert evaluator._inheritance(1, Genome(values={}, id="dd", parents=["aa"], born=(1, 0))) is None  # not a newborn

@@ -130,7 +130,7 @@ def trained(request):
         hp = hyperparameters({"layers": mask}, training_for(family, r=r, lora_alpha=2 * r + 1,
                                                             target_modules=modules))
         result = evaluate_genome(base, {"train": blocks(seed=i), "validation": blocks(8, 9)}, hp, seed=i,
-                                 training=hp, device=torch.device("cpu"))
+                                 training=training_for(family), device=torch.device("cpu"))
         winners.append((hp, result["adapter"]))
     return family, base, winners
 

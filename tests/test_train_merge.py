@@ -1,4 +1,5 @@
 """Real PEFT training and merging on tiny GPT-2 and Llama models."""
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_merged_model_equals_adapter_model(family, tokenizer, tmp_path):
     base = tiny(family, tokenizer)
     hp = hyperparameters({"layers": [False, True]}, training_for(family))
     result = evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp, seed=1,
-                             training=hp, device=torch.device("cpu"))
+                             training=TRAINING, device=torch.device("cpu"))
     assert any(np.abs(v).max() > 0 for k, v in result["adapter"].items() if "lora_B" in k), "adapter did not train"
     assert all(".h.0." not in k and ".layers.0." not in k for k in result["adapter"]), "layer mask ignored"
     x = torch.from_numpy(blocks(4, 2).astype(np.int64))
@@ -106,11 +107,11 @@ def test_an_evaluation_leaves_the_base_exactly_as_it_was(family, tokenizer):
     before = copy.deepcopy(base.state_dict())
     modules = [type(m).__name__ for m in base.modules()]
     hp = hyperparameters({}, training_for(family))
-    first = evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp, 1, hp, torch.device("cpu"))
+    first = evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp, 1, TRAINING, torch.device("cpu"))
     with pytest.raises(RuntimeError):  # a failure mid-evaluation still removes the adapter
-        evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp | {"per_device_train_batch_size": -1},
-                        1, hp, torch.device("cpu"))
-    again = evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp, 1, hp, torch.device("cpu"))
+        evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, dataclasses.replace(hp, per_device_train_batch_size=-1),
+                        1, TRAINING, torch.device("cpu"))
+    again = evaluate_genome(base, {"train": blocks(), "validation": blocks(8, 1)}, hp, 1, TRAINING, torch.device("cpu"))
     assert [type(m).__name__ for m in base.modules()] == modules  # no LoRA layer left behind
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()) and set(before) == set(base.state_dict())
     assert again["objectives"] == first["objectives"]  # and the next evaluation sees the same base
@@ -124,18 +125,20 @@ def test_accumulation_and_checkpointing_train_the_same_adapter(tokenizer):
     # micro-batches draw other dropout masks, so that case runs without dropout; checkpointing replays them
     for dropout, extra in ((0.0, {"gradient_accumulation_steps": 2}), (0.1, {"gradient_checkpointing": True})):
         hp = hyperparameters({}, training_for("llama", lora_dropout=dropout, max_steps=4))
-        plain = evaluate_genome(base, data, hp, 1, hp, torch.device("cpu"))
-        other = evaluate_genome(base, data, hp | extra, 1, hp, torch.device("cpu"))
+        plain = evaluate_genome(base, data, hp, 1, TRAINING, torch.device("cpu"))
+        other = evaluate_genome(base, data, dataclasses.replace(hp, **extra), 1, TRAINING, torch.device("cpu"))
         assert other["objectives"]["val_loss"] == pytest.approx(plain["objectives"]["val_loss"], abs=1e-5)
         assert all(np.allclose(other["adapter"][k], plain["adapter"][k], atol=1e-5) for k in plain["adapter"])
     assert not base.is_gradient_checkpointing  # switched off again with the adapter
 
 
 def test_the_learning_rate_follows_transformers_schedules():
+    from evolm.genome import Hyperparameters
     from evolm.train import lr_schedule
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    linear = lr_schedule({"warmup_ratio": 0.2}, 10, opt)
+    hp = Hyperparameters(learning_rate=1.0, max_steps=10, per_device_train_batch_size=1)
+    linear = lr_schedule(dataclasses.replace(hp, warmup_ratio=0.2), 10, opt)
     assert [linear(s) for s in range(4)] == pytest.approx([0.0, 0.5, 1.0, 0.875])
-    cosine = lr_schedule({"warmup_ratio": 0.0, "lr_scheduler_type": "cosine"}, 10, opt)
+    cosine = lr_schedule(dataclasses.replace(hp, lr_scheduler_type="cosine"), 10, opt)
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5)
