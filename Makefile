@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test venv data smollm2 clean
+.PHONY: run test venv data smollm2 clean gpu-check
 
 venv: $(STAMP)
 
@@ -43,3 +43,8 @@ smollm2: $(STAMP) $(DATA)
 
 clean:
 	rm -rf results .pytest_cache
+
+# The GPU check: a ~110M Llama in bf16, evolm's evaluation path vs the raw loop (throughput, peak GPU
+# memory per trial) and exact resume after SIGKILL on the GPU. Says so and exits 0 without a GPU.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/real_models.py --device cuda --resume-check --steps 30 --batch 8 --block 256

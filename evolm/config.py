@@ -118,6 +118,16 @@ class ModelConfig(Section):
     the driver's device supports it (a GPU), float32 on a CPU. Pretraining runs in float32, then the
     base is cast. float16 needs a GPU."""
 
+    @field_validator("name_or_path")
+    @classmethod
+    def _relative_to_the_experiment(cls, name: str | None, info: ValidationInfo) -> str | None:
+        """A relative folder that exists next to the experiment file is taken from there (as data paths
+        are); anything else is left as written (a hub id, or a path from the current folder)."""
+        if name is None or Path(name).expanduser().is_absolute():
+            return name
+        beside = Path((info.context or {}).get("base_dir", ".")) / name
+        return str(beside.resolve()) if beside.is_dir() else name
+
     @model_validator(mode="after")
     def _one_source(self):
         if (self.name_or_path is None) == (self.build is None):

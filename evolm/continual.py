@@ -194,10 +194,10 @@ class ContinualRun:
         method, state.base.model = best_merge(candidates, measure, self.objectives,
                                               rule if "retention" in blocks else {"rule": "min_first"},
                                               state.evolution.fitness_class, say)
-        kept = winners.ranked[: 1 + cfg.checkpoint.keep_adapters]
-        adapters = export_stage_adapters(self.run_dir, k, [
+        kept = [(g, winners.source(g, ledger)) for g in winners.ranked[: 1 + cfg.checkpoint.keep_adapters]]
+        adapters = export_stage_adapters(self.run_dir, k, [  # a runner-up whose file is gone is skipped
             (src, hyperparameters(g.values, state.training), ledger.load_adapter(src),
-             dict(zip(self.objectives, g.fitness.values))) for g, src in ((g, winners.source(g, ledger)) for g in kept)])
+             dict(zip(self.objectives, g.fitness.values))) for g, src in kept if ledger.adapter_path(src).exists()])
         self._save_model(k)
         write_samples(self.run_dir, state.base.model, state.base.tokenizer, cfg, k, domain.name)
         state.loss_matrix = state.loss_matrix[:k] + [state.test_row(state.base.model)]

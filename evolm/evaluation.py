@@ -111,7 +111,7 @@ class GenerationEvaluator:
                 halted=result.get("halted", False), inherited=None if cached else result.get("inherited"),
                 seconds=result.get("seconds"), train_seconds=result.get("train_seconds"),
                 worker=result.get("worker"), node=result.get("node"), device=result.get("device"),
-                dtype=result.get("dtype"), cached=cached,
+                dtype=result.get("dtype"), gpu_peak_mb=result.get("gpu_peak_mb"), cached=cached,
                 result_of=result["genome_id"], seed=evaluation_seed(self.run_seed, self.stage, result["genome_id"]))
             append_jsonl(self.run_dir / "evaluations.jsonl", record.to_json())
             self.ledger.records[(gen, g.id)] = record

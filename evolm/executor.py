@@ -113,6 +113,8 @@ class _StageRunner:
 
     def run(self, request: EvalRequest) -> dict:
         torch.set_num_threads(self.threads)  # results depend on the thread count: fix it per trial
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
             result = evaluate_genome(self.model, self.stage.blocks, request.hp, request.seed,
@@ -131,6 +133,8 @@ class _StageRunner:
         result.update(genome_id=request.genome_id, seconds=time.perf_counter() - start, worker=self.worker,
                       device=str(self.device), dtype=str(self.model.dtype).removeprefix("torch.") if self.model else None,
                       node=self.node)
+        if self.device.type == "cuda":
+            result["gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return result
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +175,11 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == _BF16:
-        return torch.from_numpy(np.array(a).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
+    """A tensor over the array's memory, no copy: on a Ray worker that is the object store's one copy
+    of the base, shared by every worker of the node. Nothing writes to a base's weights on a worker
+    (adapters are separate tensors; the frozen base gets no gradient), so read-only memory is fine."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if a.dtype == _BF16:
+            return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(a)

@@ -56,6 +56,8 @@ class EvaluationRecord(_Record):
     device: str | None = None
     """Where it trained (``cpu``, ``cuda:0``) and the base's dtype there."""
     dtype: str | None = None
+    gpu_peak_mb: float | None = None
+    """Peak GPU memory allocated during the evaluation (a GPU trial only)."""
     cached: bool = False
     result_of: str | None = None
     seed: int | None = None

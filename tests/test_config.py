@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from evolm.config import ExperimentConfig, load_config, parse_config
 from evolm.searchspace import resolve_space
@@ -90,3 +91,16 @@ def test_error_message_stays_one_line_whatever_the_user_typed(char):
         parse_config({"name": "x", "model": {"build": {}}, "stages": [{"name": "a", "train": __file__}],
                       "search": {"space": {"max_steps": {"type": char}}}})
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_a_model_folder_beside_the_experiment_is_found_from_anywhere(corpora, tmp_path):
+    """model.name_or_path, like the data paths, is relative to the experiment file when that folder exists."""
+    raw = tiny_experiment(corpora, tmp_path)
+    raw["model"] = {"name_or_path": "models/mine"}
+    (tmp_path / "exp" / "models" / "mine").mkdir(parents=True)
+    path = tmp_path / "exp" / "x.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path).model.name_or_path == str((tmp_path / "exp" / "models" / "mine").resolve())
+    raw["model"] = {"name_or_path": "HuggingFaceTB/SmolLM2-135M"}  # not a folder there: a hub id, as written
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path).model.name_or_path == "HuggingFaceTB/SmolLM2-135M"

@@ -79,10 +79,19 @@ def test_same_seed_same_run_whatever_the_workers(local_run, corpora, tmp_path, r
 def test_a_stage_where_every_evaluation_fails_stops_with_a_clear_error(corpora, tmp_path):
     from evolm.errors import EvolmError
 
-    raw = tiny_experiment(corpora, tmp_path)
-    raw["search"]["space"]["target_modules"] = {"type": "categorical", "choices": [["no_such_module"]]}
-    raw["search"]["generations"] = 0
-    with pytest.raises(EvolmError, match="every evaluation failed"):
-        ContinualRun(parse_config(raw), tmp_path / "fails", lambda: LocalExecutor()).run()
+    import evolm
+
+    def explodes(ctx):
+        raise RuntimeError("no_such_metric_backend")
+
+    evolm.OBJECTIVES.register("explodes", explodes)
+    try:
+        raw = tiny_experiment(corpora, tmp_path)
+        raw["search"].update(generations=0, objectives=["val_loss", "explodes"])
+        with pytest.raises(EvolmError, match="every evaluation failed"):
+            ContinualRun(parse_config(raw), tmp_path / "fails", lambda: LocalExecutor()).run()
+    finally:
+        evolm.OBJECTIVES._entries.pop("explodes")
     failed = read_jsonl(tmp_path / "fails" / "evaluations.jsonl")
-    assert failed and all(e["status"] == "failed" and "no_such_module" in e["error"] for e in failed)
+    assert failed and all(e["status"] == "failed" and "RuntimeError: no_such_metric_backend" in e["error"]
+                          for e in failed)

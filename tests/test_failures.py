@@ -18,14 +18,27 @@ from evolm.executor import LocalExecutor, RayExecutor
 from tests.conftest import tiny_experiment
 
 
+def fails_with_c_proj(ctx):
+    """An objective that raises for adapters on c_proj: an evaluation that fails inside the worker."""
+    if "c_proj" in ctx.model.peft_config["default"].target_modules:
+        raise RuntimeError("no_such_module c_proj")
+    return 0.0
+
+
 def test_raising_and_diverging_evaluations_are_recorded_and_penalized(corpora, tmp_path):
+    import evolm
+
     raw = tiny_experiment(corpora, tmp_path)
-    raw["search"].update(population_size=6, generations=1)
+    raw["search"].update(population_size=6, generations=1, objectives=["val_loss", "fails_with_c_proj"])
     raw["search"]["space"].update(
-        target_modules={"type": "categorical", "choices": [["c_attn"], ["no_such_module"]]},  # PEFT raises
-        learning_rate={"type": "categorical", "choices": [1e-3, 1e30]})                     # diverges to NaN
+        target_modules={"type": "categorical", "choices": [["c_attn"], ["c_attn", "c_proj"]]},  # raises
+        learning_rate={"type": "categorical", "choices": [1e-3, 1e30]})                       # diverges to NaN
     raw["training"]["max_grad_norm"] = 1e30
-    summaries = [s.to_json() for s in ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()]
+    evolm.OBJECTIVES.register("fails_with_c_proj", fails_with_c_proj)
+    try:
+        summaries = [s.to_json() for s in ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor()).run()]
+    finally:
+        evolm.OBJECTIVES._entries.pop("fails_with_c_proj")
     records = read_jsonl(tmp_path / "run" / "evaluations.jsonl")
     failed = [r for r in records if r["status"] == "failed"]
     assert any("no_such_module" in r["error"] and "Traceback" in r["traceback"] for r in failed)
