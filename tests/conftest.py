@@ -69,3 +69,15 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def shut_down_cluster(cluster) -> None:
+    """``Cluster.shutdown`` resets Ray's process-wide key-value client, which the session's Ray (the
+    ``ray_session`` fixture) still needs (runtime_env uploads use it): give it back its own client."""
+    import ray
+
+    cluster.shutdown()
+    if ray.is_initialized():
+        from ray.experimental import internal_kv
+
+        internal_kv._initialize_internal_kv(ray._private.worker.global_worker.gcs_client)

@@ -10,7 +10,7 @@ from evolm.checkpoint import read_jsonl
 from evolm.config import parse_config
 from evolm.continual import ContinualRun
 from evolm.executor import LocalExecutor
-from tests.conftest import ROOT, tiny_experiment, write_experiment
+from tests.conftest import ROOT, shut_down_cluster, tiny_experiment, write_experiment
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def two_node_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     yield cluster
-    cluster.shutdown()
+    shut_down_cluster(cluster)
 
 
 def test_evaluations_spread_over_two_nodes_with_identical_results(corpora, tmp_path, two_node_cluster):

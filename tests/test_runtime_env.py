@@ -22,7 +22,7 @@ from evolm.config import parse_config
 from evolm.continual import ContinualRun
 from evolm.errors import ClusterError, ConfigError
 from evolm.executor import LocalExecutor, RayExecutor, _environment_problem
-from tests.conftest import tiny_experiment, write_experiment
+from tests.conftest import shut_down_cluster, tiny_experiment, write_experiment
 
 EVOLM_DIR = str(Path(evolm.__file__).resolve().parent)
 
@@ -78,7 +78,7 @@ def cluster_with_a_node_without_evolm(python_without_evolm, tmp_path):
             node.wait(60)
         except subprocess.TimeoutExpired:
             node.kill()
-        cluster.shutdown()
+        shut_down_cluster(cluster)
 
 
 def _key(r):
