@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evolm.config import parse_config  # noqa: E402
+from evolm.configfile import parse_config  # noqa: E402
 from evolm.continual import ContinualRun  # noqa: E402
 from evolm.base import load_base, test_losses  # noqa: E402
 from evolm.data import read_documents  # noqa: E402

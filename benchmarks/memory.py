@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from evolm.config import load_config  # noqa: E402
+from evolm.configfile import load_config  # noqa: E402
 from evolm.continual import ContinualRun, Reporter  # noqa: E402
 from evolm.executor import RayExecutor  # noqa: E402
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from evolm.config import load_config  # noqa: E402
+from evolm.configfile import load_config  # noqa: E402
 from evolm.base import load_base  # noqa: E402
 from evolm.continual import ContinualRun  # noqa: E402
 from evolm.reporting import Reporter  # noqa: E402

@@ -50,7 +50,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from evolm import data as stage_data  # noqa: E402
-from evolm.config import parse_config  # noqa: E402
+from evolm.configfile import parse_config  # noqa: E402
 from evolm.searchspace import resolve_space, training_defaults  # noqa: E402
 from evolm.base import prepare_base as prepare_evolm_base  # noqa: E402
 from evolm.continual import ContinualRun, Reporter  # noqa: E402

@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 from evolm.api import load_run, resume, run  # noqa: E402
 from evolm.config import (DataSource, ExperimentConfig, MergeConfig, ModelConfig, SearchConfig,  # noqa: E402
-                          StageConfig, TrainingConfig, load_config, parse_config)
+                          StageConfig, TrainingConfig)
+from evolm.configfile import load_config, parse_config  # noqa: E402
 from evolm.errors import EvolmError  # noqa: E402
 from evolm.objectives import EvalContext, Objective  # noqa: E402
 from evolm.records import EvaluationRecord, GenerationRecord, StageSummary  # noqa: E402

@@ -46,7 +46,7 @@ def export_stage_adapters(run_dir: Path, stage: int, ranked: list[tuple[str, dic
     for genome_id, hp, adapter, _ in ranked:
         export_peft_adapter(folder / genome_id, hp, adapter, base_dir)
         paths.append(str((folder / genome_id).relative_to(run_dir)))
-    from evolm.checkpoint import write_json
+    from evolm.jsonfiles import write_json
 
     write_json(folder / "ranking.json", [{"genome_id": g, "objectives": o, "path": p}
                                          for (g, _, _, o), p in zip(ranked, paths)])

@@ -13,7 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from evolm.config import ExperimentConfig, load_config, parse_config, resume_differences
+from evolm.config import ExperimentConfig
+from evolm.configfile import load_config, parse_config, resume_differences
 from evolm.errors import EvolmError, RunDirError
 from evolm.records import StageSummary
 from evolm.registry import EXECUTORS
@@ -30,7 +31,11 @@ def as_config(config: ExperimentConfig | dict | str | Path, overrides: dict[str,
 
 def new_run_dir(config: ExperimentConfig, name: str | None = None) -> Path:
     """``<output_dir>/<name>``, by default ``<experiment>-<yyyymmdd-hhmmss>``; refused if it holds anything."""
+    from evolm.rundir import holds_a_run
+
     run_dir = config.output_dir / (name or f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    if holds_a_run(run_dir):
+        raise RunDirError(f"{run_dir} already holds a run; resume it (evolm resume {run_dir}) or choose another --name")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"{run_dir} already exists and is not empty; choose another --name, or continue "
                           f"it with `evolm resume {run_dir}`")
@@ -63,9 +68,9 @@ def resume(run_dir: str | Path, *, experiment: ExperimentConfig | dict | str | P
 
 def resume_config(run_dir: str | Path, experiment=None) -> ExperimentConfig:
     """The run's own experiment, or ``experiment`` if it only extends it."""
-    from evolm.rundir import read_experiment
+    from evolm.rundir import open_run_dir
 
-    saved = parse_config(read_experiment(Path(run_dir)), source=str(Path(run_dir) / "experiment.json"))
+    saved = parse_config(open_run_dir(Path(run_dir)), source=str(Path(run_dir) / "experiment.json"))
     if experiment is None:
         return saved
     new = as_config(experiment)
@@ -95,7 +100,7 @@ def _executor_factory(config: ExperimentConfig, name: str, ray_address: str | No
 def _with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     import copy
 
-    from evolm.config import _set_dotted
+    from evolm.configfile import _set_dotted
 
     raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():

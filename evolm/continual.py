@@ -22,7 +22,8 @@ import yaml
 
 from evolm.adapters import export_stage_adapters
 from evolm.base import load_base, pretrain, with_fixed_threads
-from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint, write_atomic, write_json
+from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint
+from evolm.jsonfiles import write_atomic, write_json
 from evolm.config import ExperimentConfig
 from evolm.errors import RunDirError
 from evolm.evaluation import GenerationEvaluator
@@ -34,6 +35,7 @@ from evolm.ledger import StageLedger, repair_logs
 from evolm.models import ModelPayload, family_and_layers, linear_layer_names, load_model, save_model
 from evolm.objectives import resolve_objective
 from evolm.records import StageSummary
+from evolm.rundir import holds_a_run
 from evolm.reporting import LogReporter, Reporter
 from evolm.searchspace import resolve_space, training_defaults
 from evolm.runstate import (RunState, check_data_unchanged, checkpoint_state, fill_replay, genome_from_state,
@@ -57,8 +59,7 @@ class ContinualRun:
     # ----- entry points -------------------------------------------------------------------
     def run(self) -> list[StageSummary]:
         """A new run in an empty (or new) run directory."""
-        if any((self.run_dir / name).exists() for name in ("experiment.json", "evaluations.jsonl", "checkpoints")):
-            # its ledger would silently stand in for evaluations of this run
+        if holds_a_run(self.run_dir):
             raise RunDirError(f"{self.run_dir} already holds a run; resume it (evolm resume {self.run_dir}) "
                               f"or start in an empty directory")
         return with_fixed_threads(lambda: self._loop(self._start_fresh(), None))

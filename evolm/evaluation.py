@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
-from evolm.checkpoint import append_jsonl
+from evolm.jsonfiles import append_jsonl
 from evolm.executor import EvalRequest
 from evolm.genome import Genome, evaluation_seed, hyperparameters
 from evolm.ledger import StageLedger

@@ -248,9 +248,9 @@ class RayExecutor:
                     ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
                 else:
                     # address="local": a new cluster of our own, even if another Ray runs on this machine
+                    # GPUs as torch sees them: declaring more would let trials wait for GPUs that do not exist
                     ray.init(address="local", num_cpus=math.ceil(self.workers * cfg.num_cpus_per_trial),
-                             num_gpus=math.ceil(self.workers * cfg.num_gpus_per_trial) or None,
-                             include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+                             num_gpus=torch.cuda.device_count(), include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
                              runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RuntimeEnvSetupError) as exc:
                 raise ClusterError(f"cannot start or join Ray (address={address or 'local'}): {_gist(str(exc))}; "
@@ -258,6 +258,10 @@ class RayExecutor:
                                    + (" and ray.runtime_env" if runtime_env else "")) from None
         else:  # a Ray started before evolm (a library user's, the tests'): the env goes with each worker
             actor_env = _actor_runtime_env(ray, runtime_env)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if cfg.num_gpus_per_trial > gpus:  # its workers would wait forever for a GPU
+            raise ClusterError(f"ray.num_gpus_per_trial is {cfg.num_gpus_per_trial:g} but the Ray cluster has "
+                               f"{gpus:g} GPU(s); set it to 0 (CPU) or add GPU nodes")
         threads = max(1, int(cfg.num_cpus_per_trial))
         worker_cls = ray.remote(_RayWorker).options(
             num_cpus=cfg.num_cpus_per_trial, num_gpus=cfg.num_gpus_per_trial,
@@ -345,6 +349,12 @@ class _RayWorker:
 
 
 # An executor factory: (RayConfig, address) -> an object with set_stage, map, close and ``workers``.
-EXECUTORS.register("local", lambda cfg, address=None: LocalExecutor(threads=max(1, int(cfg.num_cpus_per_trial)),
-                                                                    use_gpu=cfg.num_gpus_per_trial > 0))
+def _local_executor(cfg: RayConfig, address=None) -> LocalExecutor:
+    if cfg.num_gpus_per_trial > 0 and not torch.cuda.is_available():
+        raise ClusterError(f"ray.num_gpus_per_trial is {cfg.num_gpus_per_trial:g} but this machine has no GPU "
+                           f"(torch.cuda.is_available() is False); set it to 0")
+    return LocalExecutor(threads=max(1, int(cfg.num_cpus_per_trial)), use_gpu=cfg.num_gpus_per_trial > 0)
+
+
+EXECUTORS.register("local", _local_executor)
 EXECUTORS.register("ray", lambda cfg, address=None: RayExecutor(cfg, address=address, workers=cfg.num_workers))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from evolm.checkpoint import append_jsonl, read_jsonl
+from evolm.jsonfiles import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from evolm.checkpoint import read_jsonl, write_atomic
+from evolm.jsonfiles import read_jsonl, write_atomic
 from evolm.genome import canonical_json
 from evolm.records import EvaluationRecord, read_records
 

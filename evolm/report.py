@@ -13,7 +13,7 @@ import math
 from datetime import datetime
 from pathlib import Path
 
-from evolm.checkpoint import write_atomic
+from evolm.jsonfiles import write_atomic
 from evolm.genome import genome_text
 from evolm.plots import plot_run
 from evolm.metrics import backward_transfer, forgetting, perplexity

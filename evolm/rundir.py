@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from evolm.checkpoint import latest_checkpoint, read_jsonl
+from evolm.checkpoint import latest_checkpoint
+from evolm.jsonfiles import read_jsonl
 from evolm.errors import RunDirError
 from evolm.metrics import infer_learned_at
 from evolm.records import EvaluationRecord, GenerationRecord, StageSummary, read_records, trained_evaluations
@@ -172,8 +173,13 @@ def open_run_dir(path: str | Path) -> dict:
     return experiment
 
 
-read_experiment = open_run_dir
-"""The name ``evolm.api`` reads the experiment by."""
+RUN_FILES = ("experiment.json", "evaluations.jsonl", "checkpoints")
+"""What a run writes first: a folder holding any of them holds a run (its ledger would stand in for a
+new run's evaluations)."""
+
+
+def holds_a_run(path: str | Path) -> bool:
+    return any((Path(path) / name).exists() for name in RUN_FILES)
 
 
 def load_run(path: str | Path) -> RunRecords:

@@ -19,7 +19,8 @@ import numpy as np
 
 from evolm import __version__
 from evolm.base import Base, test_losses
-from evolm.checkpoint import lists_to_tuples, restore_global_rng, tuples_to_lists, write_json
+from evolm.checkpoint import lists_to_tuples, restore_global_rng, tuples_to_lists
+from evolm.jsonfiles import write_json
 from evolm.config import ExperimentConfig
 from evolm.errors import RunDirError
 from evolm.evolution import Evolution

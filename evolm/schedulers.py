@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from evolm.checkpoint import append_jsonl
+from evolm.jsonfiles import append_jsonl
 from evolm.evolution import pareto_ranks
 from evolm.genome import Genome
 from evolm.registry import SCHEDULERS

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from evolm.checkpoint import append_jsonl
+from evolm.jsonfiles import append_jsonl
 from evolm.evolution import Evolution, fitness_summary
 from evolm.genome import Genome
 from evolm.ledger import StageLedger

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from evolm.config import ExperimentConfig, load_config, parse_config
+from evolm.config import ExperimentConfig
+from evolm.configfile import load_config, parse_config
 from evolm.searchspace import resolve_space
 from evolm.errors import ConfigError
 from tests.conftest import tiny_experiment, write_experiment

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from evolm.checkpoint import read_jsonl
-from evolm.config import parse_config
+from evolm.jsonfiles import read_jsonl
+from evolm.configfile import parse_config
 from evolm.continual import ContinualRun
 from evolm.executor import LocalExecutor, RayExecutor
 from tests.conftest import tiny_experiment

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from evolm.checkpoint import read_jsonl
-from evolm.config import parse_config
+from evolm.jsonfiles import read_jsonl
+from evolm.configfile import parse_config
 from evolm.continual import ContinualRun
 from evolm.executor import LocalExecutor
 from evolm.metrics import summarize

@@ -5,7 +5,8 @@ import random
 import pytest
 from deap import tools
 
-from evolm.config import SearchConfig, parse_config
+from evolm.config import SearchConfig
+from evolm.configfile import parse_config
 from evolm.searchspace import resolve_space
 from evolm.evolution import Evolution
 from tests.conftest import tiny_experiment

@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evolm.checkpoint import read_jsonl
-from evolm.config import parse_config
+from evolm.jsonfiles import read_jsonl
+from evolm.configfile import parse_config
 from evolm.continual import ContinualRun, Reporter
 from evolm.errors import ConfigError
 from evolm.executor import LocalExecutor, RayExecutor
@@ -145,7 +145,7 @@ def test_mutated_configs_are_accepted_or_rejected_with_a_field(base_raw, data):
 
 
 def test_a_top_level_that_is_not_a_mapping_is_a_config_error(tmp_path):
-    from evolm.config import load_config
+    from evolm.configfile import load_config
 
     path = tmp_path / "list.yaml"
     path.write_text(yaml.safe_dump([1, 2]))

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from evolm.checkpoint import read_jsonl
+from evolm.jsonfiles import read_jsonl
 from evolm.cli import main
 from evolm.generate import generate_text, prompt_seed
 from evolm.models import load_model

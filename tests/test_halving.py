@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from evolm.checkpoint import read_jsonl
-from evolm.config import BuildConfig, parse_config
+from evolm.jsonfiles import read_jsonl
+from evolm.config import BuildConfig
+from evolm.configfile import parse_config
 from evolm.continual import ContinualRun
 from evolm.schedulers import rung_steps, survivors
 from evolm.executor import LocalExecutor

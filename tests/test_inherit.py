@@ -7,8 +7,9 @@ import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict
 
-from evolm.checkpoint import read_jsonl
-from evolm.config import BuildConfig, parse_config
+from evolm.jsonfiles import read_jsonl
+from evolm.config import BuildConfig
+from evolm.configfile import parse_config
 from evolm.continual import ContinualRun
 from evolm.executor import LocalExecutor
 from evolm.genome import lora_config

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from evolm.checkpoint import read_jsonl
+from evolm.jsonfiles import read_jsonl
 from evolm.cli import main
 from evolm.evolution import pareto_front
 from evolm.lineage import ancestry, operator_label

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import evolm.executor
-from evolm.checkpoint import read_jsonl
+from evolm.jsonfiles import read_jsonl
 from evolm.config import BuildConfig, RayConfig
 from evolm.errors import ModelError
 from evolm.executor import EvalRequest, LocalExecutor, RayExecutor, StagePayload, _failure
@@ -167,3 +167,19 @@ def test_float16_on_a_cpu_is_refused_before_anything_is_written(corpora, tmp_pat
                           env=env(), cwd=ROOT, timeout=300)
     assert done.returncode == 2 and "model.dtype: float16 needs a GPU" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "results" / "r").exists()
+
+
+@pytest.mark.parametrize("executor", ["--no-ray", None])
+def test_asking_for_a_gpu_where_there_is_none_stops_with_one_line(corpora, tmp_path, executor):
+    from tests.conftest import write_experiment
+    from tests.test_resume import env, evolm_cmd
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    raw = tiny_experiment(corpora, tmp_path / "results")
+    raw["ray"] = {"num_workers": 1, "num_gpus_per_trial": 1}
+    path = write_experiment(tmp_path / "gpu.yaml", raw)
+    done = subprocess.run(evolm_cmd("run", path, "--name", "r", *([executor] if executor else [])),
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ray.num_gpus_per_trial is 1 but") and "set it to 0" in done.stderr

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from evolm.checkpoint import append_jsonl, read_jsonl
+from evolm.jsonfiles import append_jsonl, read_jsonl
 from evolm.records import EvaluationRecord, read_records, trained_evaluations
 from evolm.report import time_accounting, write_report
 from evolm.rundir import load_run

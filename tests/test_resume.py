@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from evolm.checkpoint import latest_checkpoint, read_jsonl, tag_order
+from evolm.checkpoint import latest_checkpoint, tag_order
+from evolm.jsonfiles import read_jsonl
 from tests.conftest import ROOT, tiny_experiment, write_experiment
 
 

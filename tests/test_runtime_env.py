@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import evolm
-from evolm.checkpoint import read_jsonl
-from evolm.config import parse_config
+from evolm.jsonfiles import read_jsonl
+from evolm.configfile import parse_config
 from evolm.continual import ContinualRun
 from evolm.errors import ClusterError, ConfigError
 from evolm.executor import LocalExecutor, RayExecutor, _environment_problem

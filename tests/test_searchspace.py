@@ -4,7 +4,7 @@ import subprocess
 import pytest
 
 import evolm
-from evolm.config import parse_config
+from evolm.configfile import parse_config
 from evolm.errors import ConfigError
 from evolm.models import linear_layer_names, save_model, train_tokenizer
 from evolm.searchspace import target_module_choices

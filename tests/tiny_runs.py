@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from evolm.config import parse_config
+from evolm.configfile import parse_config
 from evolm.continual import ContinualRun
 from evolm.executor import LocalExecutor
 from tests.conftest import tiny_experiment
