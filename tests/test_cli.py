@@ -29,7 +29,7 @@ def test_run_end_to_end_on_local_ray(corpora, tmp_path):
     AutoModelForCausalLM.from_pretrained(run_dir / "models" / "stage-2")
 
     again = evolm("run", exp, "--name", "smoke")
-    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "already holds a run; resume it" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_config_error_is_one_line_and_exit_2(corpora, tmp_path):
