@@ -48,7 +48,17 @@ class Base:
     kind of device (a GPU when ``ray.num_gpus_per_trial`` > 0 and the driver has one)."""
 
     def hold(self) -> None:
-        self.model.to(self.dtype)
+        """Parameters and saved buffers to ``dtype``; buffers a checkpoint does not carry (Llama's
+        rotary ``inv_freq``) stay as they are, as they will be when the saved model is loaded again."""
+        saved = set(self.model.state_dict())
+        with torch.no_grad():
+            for param in self.model.parameters():
+                param.data = param.data.to(self.dtype)
+            for path, module in self.model.named_modules():
+                for name, buf in module._buffers.items():
+                    full = f"{path}.{name}" if path else name
+                    if buf is not None and buf.is_floating_point() and full in saved:
+                        module._buffers[name] = buf.to(self.dtype)
 
     def stage_domain(self, k: int) -> Domain:
         return self.domains[self.n_base_domains + k - 1]
@@ -85,11 +95,12 @@ def prepare_base(config: ExperimentConfig, say=log.info, pretrain_steps: int | N
     return base
 
 
-def load_base(config: ExperimentConfig, say=log.info, model_dir: str | None = None) -> Base:
+def load_base(config: ExperimentConfig, say=log.info, model_dir: str | None = None,
+              dtype: torch.dtype | None = None) -> Base:
     """Every domain and the model before pretraining: built, loaded from ``model.name_or_path``, or
     from ``model_dir`` (a resumed run's current base). All user input is read and checked here."""
     device = pick_device(config.ray.num_gpus_per_trial > 0)
-    dtype = resolve_dtype(config.model.dtype, device)
+    dtype = dtype or resolve_dtype(config.model.dtype, device)  # a resumed run keeps the dtype it began with
     pretrain_docs, stage_docs = read_documents(config)
     if model_dir is not None:
         model, tokenizer = load_model(model_dir, dtype)

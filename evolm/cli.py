@@ -125,11 +125,11 @@ def cmd_generate(args) -> int:
 
 def _reporter(config, run_dir: Path, args):
     """The console, wrapped by experiment tracking when the config turns it on."""
-    from evolm.reporting import ConsoleReporter
+    from evolm.registry import REPORTERS
     from evolm.tracking import with_tracking
 
     workers = 1 if args.no_ray else config.ray.num_workers
-    return with_tracking(ConsoleReporter(workers=workers), config, run_dir)
+    return with_tracking(REPORTERS.get("console")(workers=workers), config, run_dir)
 
 
 def _execution_flags(parser) -> None:

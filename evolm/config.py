@@ -214,6 +214,9 @@ class SearchConfig(Section):
     space: dict[str, Gene | None] = Field(default_factory=dict)
     """Genes added to, or replacing, the default space; ``null`` removes a default gene."""
     halving: HalvingConfig = Field(default_factory=HalvingConfig)
+    scheduler: str | None = None
+    """How a generation's training is spent: a registered scheduler (``evolm.registry.SCHEDULERS``:
+    fifo, halving). None: halving when ``halving.rungs`` > 1, else fifo."""
     step_budget: int | None = Field(default=None, ge=1)
     """Training steps a stage's search may spend: no generation starts once its evaluations have
     trained this many (the running one finishes). None: ``generations`` alone decides."""
@@ -221,6 +224,13 @@ class SearchConfig(Section):
     """A child starts from its best parent's trained adapter (resized by SVD when ranks differ)
     instead of a fresh one; only the steps it trains itself are counted. On by default: at equal
     training steps it found better genomes than fresh adapters (benchmarks/README.md, search)."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _registered(cls, name: str | None) -> str | None:
+        from evolm.schedulers import SCHEDULERS
+
+        return None if name is None else _one_of(name, SCHEDULERS.names(), "search.scheduler")
 
     @field_validator("objectives")
     @classmethod

@@ -32,7 +32,8 @@ from evolm.executor import StagePayload
 from evolm.generate import write_samples
 from evolm.genome import hyperparameters
 from evolm.ledger import StageLedger, repair_logs
-from evolm.models import ModelPayload, family_and_layers, linear_layer_names, load_model, save_model
+from evolm.models import (DTYPES, ModelPayload, family_and_layers, linear_layer_names, load_model, save_model,
+                          uses_conv1d)
 from evolm.objectives import resolve_objective
 from evolm.records import StageSummary
 from evolm.rundir import holds_a_run
@@ -87,8 +88,9 @@ class ContinualRun:
         base = load_base(cfg, self.reporter.message)
         self.state = state = self._search_state(base)
         (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            write_json(self.run_dir / "experiment.json", cfg.model_dump(mode="json"))
+        if resuming and (self.run_dir / "run.json").exists():
+            check_data_unchanged(self.run_dir)  # the ledger's records were made from that data
+        write_json(self.run_dir / "experiment.json", cfg.model_dump(mode="json"))  # a resume's extension, checked
         write_run_info(self.run_dir, cfg)
         self._write_resolved_config()
         if cfg.model.pretrain:
@@ -101,7 +103,8 @@ class ContinualRun:
         return state
 
     def _start_resumed(self, checkpoint: dict) -> RunState:
-        base = load_base(self.config, self.reporter.message, model_dir=str(self.run_dir / checkpoint["base_model"]))
+        dtype = DTYPES.get(checkpoint.get("dtype"))  # None (an older checkpoint): resolved again
+        base = load_base(self.config, self.reporter.message, str(self.run_dir / checkpoint["base_model"]), dtype)
         check_data_unchanged(self.run_dir)
         self.state = state = self._search_state(base)
         write_json(self.run_dir / "experiment.json", self.config.model_dump(mode="json"))  # an extension, checked
@@ -120,7 +123,8 @@ class ContinualRun:
         """The search space and training defaults for this model, checked against its own layers."""
         cfg = self.config
         (family, n_layers), linear = family_and_layers(base.model), linear_layer_names(base.model)
-        space, training = resolve_space(cfg, family, n_layers, linear), training_defaults(cfg, family, linear)
+        space = resolve_space(cfg, family, n_layers, linear)
+        training = training_defaults(cfg, family, linear, uses_conv1d(base.model))
         return RunState(base, Evolution(space, cfg.search, cfg.seed, len(self.objectives)), space, training)
 
     def _write_resolved_config(self) -> None:
@@ -168,7 +172,7 @@ class ContinualRun:
             hof.update([genome_from_state(d, evo.fitness_class) for d in hof_items])
         evaluator = GenerationEvaluator(self.run_dir, k, domain.name, ledger, self.executor, self.reporter,
                                         self.objectives, state.training, cfg.seed, cfg.search.halving,
-                                        cfg.search.inherit_weights)
+                                        cfg.search.inherit_weights, cfg.search.scheduler)
         hooks = StageHooks(checkpoint=lambda gen, pop: self._checkpoint(k, gen, pop, hof),
                            message=lambda text: self.reporter.message(f"stage '{domain.name}': {text}"))
         population = evolve_stage(population or evo.initial_population(k), evo,

@@ -38,6 +38,8 @@ class GenerationEvaluator:
     halving: object
     """``HalvingConfig``: rungs (1: off) and reduction_factor."""
     inherit_weights: bool
+    scheduler: str | None = None
+    """A registered scheduler; None: halving when ``halving.rungs`` > 1, else fifo."""
 
     def evaluate(self, gen: int, todo: list[Genome]) -> None:
         groups: dict[str, list[Genome]] = {}
@@ -56,7 +58,7 @@ class GenerationEvaluator:
             assigned.add(key)
             self._assign(gen, groups[key], result)
 
-        scheduler = SCHEDULERS.get("halving" if self.halving.rungs > 1 else "fifo")(self)
+        scheduler = SCHEDULERS.get(self.scheduler or ("halving" if self.halving.rungs > 1 else "fifo"))(self)
         scheduler.run(gen, scheduler.pool(gen, groups), finished)
         for key, genomes in groups.items():  # cached twins, and records finished before a resume
             if key not in assigned:

@@ -119,6 +119,11 @@ def linear_layer_names(model) -> list[tuple[str, bool]]:
     return list(seen.items())
 
 
+def uses_conv1d(model) -> bool:
+    """Whether the model's linear layers are transformers' Conv1D (weights stored transposed)."""
+    return any(type(m).__name__ == "Conv1D" for m in model.modules())
+
+
 @dataclass
 class ModelPayload:
     """A model as plain data: its config and its weights as numpy arrays (zero-copy in Ray).

@@ -89,7 +89,7 @@ def resolve_objective(name: str) -> Objective:
                          f"or an importable module:function")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's module may fail in any way while it is imported
         raise ValueError(f"objective '{name}' cannot be imported ({type(exc).__name__}: {exc}); check the "
                          f"module is installed or on PYTHONPATH and defines {attr}") from None
     return _wrap(name, fn)

@@ -119,6 +119,10 @@ class StageSummary(_Record):
     """The winner's and the best runners-up's adapters in PEFT's format (paths in the run directory)."""
     seconds: float = 0.0
 
+    def __post_init__(self):
+        if not isinstance(self.winner, dict):  # a damaged summary.json
+            self.winner = {}
+
     @property
     def winner_id(self) -> str | None:
         return self.winner.get("id") if isinstance(self.winner, dict) else None

@@ -109,6 +109,7 @@ def checkpoint_state(state: RunState, config: ExperimentConfig, k: int, gen: int
             "evolution_rng": tuples_to_lists(state.evolution.rng.getstate()),
             "loss_matrix": state.loss_matrix, "summaries": [s.to_json() for s in state.summaries],
             "config_hash": config.hash(), "base_model": f"models/stage-{k if gen is None else k - 1}",
+            "dtype": str(state.base.dtype).removeprefix("torch."),
             "elapsed": state.elapsed()}
 
 

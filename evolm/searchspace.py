@@ -120,9 +120,10 @@ def default_space(config: ExperimentConfig, family: str,
 
 
 def training_defaults(config: ExperimentConfig, family: str,
-                      linear_names: list[tuple[str, bool]] | None = None) -> dict[str, Any]:
+                      linear_names: list[tuple[str, bool]] | None = None, conv1d: bool | None = None) -> dict[str, Any]:
     """``training`` as every evaluation sees it: the model's default target modules filled in, and
-    ``fan_in_fan_out`` for GPT-2, whose linear layers store their weights transposed (Conv1D)."""
+    ``fan_in_fan_out`` for models whose linear layers store their weights transposed (transformers'
+    Conv1D: GPT-2 and its kin; ``conv1d`` when known, else by family)."""
     training = config.training.model_dump()
     if training["target_modules"] is None:
         choices = target_module_choices(family, linear_names)
@@ -132,7 +133,7 @@ def training_defaults(config: ExperimentConfig, family: str,
         training["target_modules"] = choices[0]
     elif linear_names is not None:
         check_modules(training["target_modules"], linear_names, family, "training.target_modules")
-    training["fan_in_fan_out"] = family == "gpt2"
+    training["fan_in_fan_out"] = family == "gpt2" if conv1d is None else conv1d
     return training
 
 

@@ -54,7 +54,13 @@ def merge_candidates(base_model, winners: Winners, ledger: StageLedger, training
     adapters = [(hyperparameters(g.values, training), ledger.load_adapter(src))
                 for g, src in zip(winners.genomes, winners.sources)]
     methods = list(MERGE_STRATEGIES.names()) if merge.method == "auto" else [merge.method]
-    return [(m, merge_winners(base_model, adapters, m, winners.weights, merge.density, seed)) for m in methods]
+    candidates = []
+    for m in methods:
+        try:
+            candidates.append((m, merge_winners(base_model, adapters, m, winners.weights, merge.density, seed)))
+        except ValueError as exc:  # the run is resumable: the stage's evaluations are in the ledger
+            raise EvolmError(f"merge.method {m}: {exc}; choose another merge.method and resume the run") from None
+    return candidates
 
 
 def best_merge(candidates: list[tuple[str, object]], measure, objectives: list[str], rule: dict,

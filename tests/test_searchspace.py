@@ -69,3 +69,30 @@ def test_an_architecture_outside_the_table_gets_module_choices_from_its_own_laye
     assert run.evaluated() and all(e.ok for e in run.evaluated())
     assert {tuple(e.values["target_modules"]) for e in run.evaluations} <= {tuple(c) for c in choices}
     assert run.config["training"]["target_modules"] == ["query_key_value"]
+
+
+def test_a_conv1d_model_outside_gpt2_trains_and_merges(corpora, tmp_path):
+    """OpenAI GPT stores its linear weights transposed (Conv1D) as GPT-2 does: evolm tells from the layers."""
+    from transformers import AutoModelForCausalLM, OpenAIGPTConfig
+
+    tokenizer = train_tokenizer((corpora / "general.txt").read_text().split("\n\n"), 400)
+    cfg = OpenAIGPTConfig(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    save_model(AutoModelForCausalLM.from_config(cfg), tokenizer, tmp_path / "gpt")
+    raw = tiny_experiment(corpora, tmp_path)
+    raw["model"] = {"name_or_path": str(tmp_path / "gpt")}
+    raw["stages"] = raw["stages"][:1]
+    raw["search"].update(population_size=2, offspring_size=2, generations=0)
+    raw["merge"] = {"method": "task_arithmetic", "top_k": 2}
+    summaries = evolm.run(raw, tmp_path / "run", executor="local")
+    assert summaries[0].end_loss < summaries[0].start_loss
+    assert evolm.load_run(tmp_path / "run").config["training"]["fan_in_fan_out"] is True
+
+
+def test_an_objective_module_that_fails_to_import_is_one_line(corpora, tmp_path, monkeypatch):
+    (tmp_path / "broken_metric.py").write_text("def score(ctx:\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = tiny_experiment(corpora, tmp_path)
+    raw["search"]["objectives"] = ["val_loss", "broken_metric:score"]
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert "broken_metric:score" in str(err.value) and "SyntaxError" in str(err.value)
