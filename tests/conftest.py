@@ -81,3 +81,19 @@ def shut_down_cluster(cluster) -> None:
         from ray.experimental import internal_kv
 
         internal_kv._initialize_internal_kv(ray._private.worker.global_worker.gcs_client)
+
+
+@pytest.fixture
+def ray_init_calls(monkeypatch) -> list[dict]:
+    """``ray.init`` replaced by a stand-in that records its arguments and refuses to start Ray."""
+    import ray
+
+    asked = []
+
+    def init(**kwargs):
+        asked.append(kwargs)
+        raise RuntimeError("not starting Ray in this test")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    return asked

@@ -270,21 +270,12 @@ def test_resume_never_unpickles(tiny_run, tmp_path, monkeypatch):
     assert winners(crashed) == winners(tiny_run)
 
 
-def test_ray_dashboard_is_off_by_default_and_local_only(monkeypatch):
+def test_ray_dashboard_is_off_by_default_and_local_only(ray_init_calls):
     """What evolm asks of ray.init, seen by a stand-in for it: no dashboard, and a local-only one when asked."""
-    import ray
-
     from evolm.config import RayConfig
     from evolm.errors import ClusterError
 
-    asked = []
-
-    def init(**kwargs):
-        asked.append(kwargs)
-        raise RuntimeError("not starting Ray in this test")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
+    asked = ray_init_calls
     assert RayConfig().dashboard is False
     for cfg in (RayConfig(), RayConfig(dashboard=True)):
         with pytest.raises(ClusterError, match="cannot start or join Ray"):

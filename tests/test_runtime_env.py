@@ -185,10 +185,8 @@ def test_runtime_env_mistakes_name_the_field(corpora, tmp_path, runtime_env, hin
     assert hint in str(info.value)
 
 
-def test_runtime_env_as_ray_gets_it(corpora, tmp_path, monkeypatch):
+def test_runtime_env_as_ray_gets_it(corpora, tmp_path, ray_init_calls):
     """What evolm hands to ray.init (seen by a stand-in for it) when it starts or joins Ray."""
-    import ray
-
     (tmp_path / "code").mkdir()
     raw = tiny_experiment(corpora, tmp_path)
     assert parse_config(raw).ray.runtime_env.as_ray() is None  # nothing set: Ray's default
@@ -198,14 +196,7 @@ def test_runtime_env_as_ray_gets_it(corpora, tmp_path, monkeypatch):
     expected = {"working_dir": str(tmp_path / "code"), "py_modules": [str(tmp_path / "code"), EVOLM_DIR],
                 "pip": ["peft==0.13.2"], "env_vars": {"A": "1"}}
     assert cfg.runtime_env.as_ray() == expected
-    asked = []
-
-    def init(**kwargs):
-        asked.append(kwargs)
-        raise RuntimeError("not starting Ray in this test")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
+    asked = ray_init_calls
     for address in (None, "10.0.0.1:6379"):
         with pytest.raises(ClusterError, match="check ray.address / --ray-address and ray.runtime_env"):
             RayExecutor(cfg, address=address)
