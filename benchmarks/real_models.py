@@ -137,7 +137,7 @@ def run_raw(args) -> dict:
 def run_evolm(args) -> dict:
     import ray
 
-    from evolm.config import RayConfig
+    from evolm.rayconfig import RayConfig
     from evolm.executor import EvalRequest, RayExecutor, StagePayload
     from evolm.genome import hyperparameters
     from evolm.models import ModelPayload

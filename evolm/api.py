@@ -15,7 +15,7 @@ from typing import Any
 
 from evolm.config import ExperimentConfig
 from evolm.configfile import load_config, parse_config, resume_differences
-from evolm.errors import ClusterError, EvolmError, RunDirError
+from evolm.errors import EvolmError, RunDirError
 from evolm.records import StageSummary
 from evolm.registry import EXECUTORS
 
@@ -91,16 +91,12 @@ def load_run(run_dir: str | Path):
 
 def _executor_factory(config: ExperimentConfig, name: str, ray_address: str | None):
     """The executor's maker, checked now: a request no machine here can meet stops before anything is written."""
-    import torch
-
-    import evolm.executor  # noqa: F401  (registers the built-in executors)
+    from evolm.executor import require_local_gpus  # (importing it registers the built-in executors)
 
     if name not in EXECUTORS:
         raise EvolmError(f"unknown executor '{name}'; use one of {', '.join(EXECUTORS.names())}")
-    local = name == "local" or not (ray_address or config.ray.address)
-    if local and config.ray.num_gpus_per_trial > 0 and not torch.cuda.is_available():
-        raise ClusterError(f"ray.num_gpus_per_trial is {config.ray.num_gpus_per_trial:g} but this machine has no GPU "
-                           f"(torch.cuda.is_available() is False); set it to 0")
+    if name == "local" or not (ray_address or config.ray.address):
+        require_local_gpus(config.ray)
     return lambda: EXECUTORS.get(name)(config.ray, ray_address)
 
 

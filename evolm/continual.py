@@ -42,7 +42,7 @@ from evolm.searchspace import resolve_space, training_defaults
 from evolm.runstate import (RunState, check_data_unchanged, checkpoint_state, fill_replay, genome_from_state,
                             restore_search, write_loss_matrix, write_run_info)
 from evolm.stage import GenerationStep, StageHooks, StepBudget, evolve_stage
-from evolm.winners import best_merge, choose_winners, merge_candidates
+from evolm.winners import best_merge, choose_winners, merge_candidates, source_of
 
 __all__ = ["ContinualRun", "Reporter"]
 
@@ -199,7 +199,7 @@ class ContinualRun:
         method, state.base.model = best_merge(candidates, measure, self.objectives,
                                               rule if "retention" in blocks else {"rule": "min_first"},
                                               state.evolution.fitness_class, say)
-        kept = [(g, winners.source(g, ledger)) for g in winners.ranked[: 1 + cfg.checkpoint.keep_adapters]]
+        kept = [(g, source_of(g, ledger)) for g in winners.ranked[: 1 + cfg.checkpoint.keep_adapters]]
         adapters = export_stage_adapters(self.run_dir, k, [  # a runner-up whose file is gone is skipped
             (src, hyperparameters(g.values, state.training), ledger.load_adapter(src),
              dict(zip(self.objectives, g.fitness.values))) for g, src in kept if ledger.adapter_path(src).exists()])
@@ -208,12 +208,13 @@ class ContinualRun:
         state.loss_matrix = state.loss_matrix[:k] + [state.test_row(state.base.model)]
         write_loss_matrix(self.run_dir, cfg, state)
         col, winner = state.base.n_base_domains + k - 1, winners.genomes[0]
+        merged = [source_of(g, ledger) for g in winners.genomes]
         objectives = dict(zip(self.objectives, winner.fitness.values))
         summary = StageSummary(stage=k, name=domain.name, start_loss=state.loss_matrix[k - 1][col],
                                end_loss=state.loss_matrix[k][col],
-                               winner=winner.to_json() | {"result_of": winners.sources[0]},
+                               winner=winner.to_json() | {"result_of": merged[0]},
                                winner_objectives=objectives, winner_val_loss=objectives.get("val_loss"),
-                               merge_method=method, merged=winners.sources, evaluations=ledger.trained,
+                               merge_method=method, merged=merged, evaluations=ledger.trained,
                                steps=ledger.steps_before(), hall_of_fame=[g.id for g in hof], adapters=adapters,
                                seconds=time.perf_counter() - start)
         state.summaries = state.summaries[: k - 1] + [summary]

@@ -17,7 +17,6 @@ from evolm.config import DataSource
 from evolm.errors import DataError
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "validation", "test")
 
 
 def read_documents(source: DataSource, path: Path) -> list[str]:

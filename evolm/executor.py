@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from evolm.config import RayConfig
+from evolm.rayconfig import RayConfig
 from evolm.errors import ClusterError
 from evolm.models import ModelPayload
 from evolm.registry import EXECUTORS
@@ -349,10 +349,15 @@ class _RayWorker:
 
 
 # An executor factory: (RayConfig, address) -> an object with set_stage, map, close and ``workers``.
-def _local_executor(cfg: RayConfig, address=None) -> LocalExecutor:
+def require_local_gpus(cfg: RayConfig) -> None:
+    """GPUs asked for trials that run on this machine must be here (a joined cluster has its own)."""
     if cfg.num_gpus_per_trial > 0 and not torch.cuda.is_available():
         raise ClusterError(f"ray.num_gpus_per_trial is {cfg.num_gpus_per_trial:g} but this machine has no GPU "
                            f"(torch.cuda.is_available() is False); set it to 0")
+
+
+def _local_executor(cfg: RayConfig, address=None) -> LocalExecutor:
+    require_local_gpus(cfg)
     return LocalExecutor(threads=max(1, int(cfg.num_cpus_per_trial)), use_gpu=cfg.num_gpus_per_trial > 0)
 
 

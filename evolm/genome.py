@@ -10,8 +10,6 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform")
-
 
 @dataclass
 class Genome:

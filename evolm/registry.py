@@ -13,7 +13,7 @@ loaded is as valid as a built-in one. Registries (and who fills them):
     GENE_TYPES          evolm.space        the types a search-space gene may have
     SCHEDULERS          evolm.schedulers   how a generation's training budget is spent (fifo, halving)
     EXECUTORS           evolm.executor     where evaluations run (local, ray)
-    REPORTERS           evolm.reporting    who hears about progress (log, console); TensorBoard and
+    REPORTERS           evolm.reporting    who hears about progress (log; console from evolm.cli); TensorBoard and
                                            MLflow wrap one of them (evolm.tracking)
 """
 from __future__ import annotations

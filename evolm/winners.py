@@ -21,16 +21,20 @@ from evolm.registry import MERGE_STRATEGIES
 
 @dataclass
 class Winners:
-    genomes: list[Genome]
-    """Best first."""
-    sources: list[str]
-    """The genome whose training made each winner's adapter (a cached twin points to its source)."""
-    weights: list[float] | None
     ranked: list[Genome]
-    """Every genome of the hall of fame with finite objectives, best first (the winners lead)."""
+    """Every genome of the hall of fame with finite objectives, best first."""
+    count: int
+    """The first ``count`` are merged."""
+    weights: list[float] | None
 
-    def source(self, g: Genome, ledger: StageLedger) -> str:
-        return ledger.cache[g.key()]["genome_id"]
+    @property
+    def genomes(self) -> list[Genome]:
+        return self.ranked[: self.count]
+
+
+def source_of(g: Genome, ledger: StageLedger) -> str:
+    """The genome whose training made ``g``'s adapter (a cached twin points to its source)."""
+    return ledger.cache[g.key()]["genome_id"]
 
 
 def choose_winners(hof, objectives: list[str], rule: dict, merge: MergeConfig, ledger: StageLedger,
@@ -40,19 +44,19 @@ def choose_winners(hof, objectives: list[str], rule: dict, merge: MergeConfig, l
         errors = [r.get("error") for r in ledger.cache.values() if r.get("error")]
         raise EvolmError(f"stage '{stage_name}': every evaluation failed (first error: {errors[:1]}); "
                          f"see evaluations.jsonl")
-    chosen = ranked[: merge.top_k]
+    count = min(merge.top_k, len(ranked))
     weights = merge.weights
-    if weights is not None and len(chosen) < len(weights):  # fewer finished genomes than top_k
-        weights = [w / sum(weights[: len(chosen)]) for w in weights[: len(chosen)]]
-        say(f"stage '{stage_name}': only {len(chosen)} genomes to merge; weights {weights}")
-    return Winners(chosen, [ledger.cache[g.key()]["genome_id"] for g in chosen], weights, ranked)
+    if weights is not None and count < len(weights):  # fewer finished genomes than top_k
+        weights = [w / sum(weights[:count]) for w in weights[:count]]
+        say(f"stage '{stage_name}': only {count} genomes to merge; weights {weights}")
+    return Winners(ranked, count, weights)
 
 
 def merge_candidates(base_model, winners: Winners, ledger: StageLedger, training: dict, merge: MergeConfig,
                      seed: int) -> list[tuple[str, object]]:
     """(method, merged model) for ``merge.method``, or for every registered strategy with ``auto``."""
-    adapters = [(hyperparameters(g.values, training), ledger.load_adapter(src))
-                for g, src in zip(winners.genomes, winners.sources)]
+    adapters = [(hyperparameters(g.values, training), ledger.load_adapter(source_of(g, ledger)))
+                for g in winners.genomes]
     methods = list(MERGE_STRATEGIES.names()) if merge.method == "auto" else [merge.method]
     candidates = []
     for m in methods:

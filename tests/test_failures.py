@@ -272,7 +272,7 @@ def test_resume_never_unpickles(tiny_run, tmp_path, monkeypatch):
 
 def test_ray_dashboard_is_off_by_default_and_local_only(ray_init_calls):
     """What evolm asks of ray.init, seen by a stand-in for it: no dashboard, and a local-only one when asked."""
-    from evolm.config import RayConfig
+    from evolm.rayconfig import RayConfig
     from evolm.errors import ClusterError
 
     asked = ray_init_calls

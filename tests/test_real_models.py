@@ -9,7 +9,8 @@ import torch
 
 import evolm.executor
 from evolm.jsonfiles import read_jsonl
-from evolm.config import BuildConfig, RayConfig
+from evolm.config import BuildConfig
+from evolm.rayconfig import RayConfig
 from evolm.errors import ModelError
 from evolm.executor import EvalRequest, LocalExecutor, RayExecutor, StagePayload, _failure
 from evolm.models import ModelPayload, build_model

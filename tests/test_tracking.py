@@ -6,7 +6,7 @@ import pytest
 
 import evolm.tracking as tracking
 from evolm.records import EvaluationRecord, GenerationRecord, StageSummary
-from evolm.reporting import ConsoleReporter
+from evolm.cli import ConsoleReporter
 from evolm.configfile import parse_config
 from evolm.errors import ConfigError, EvolmError
 from evolm.tracking import TrackingReporter, gene_params, with_tracking
