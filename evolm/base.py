@@ -39,7 +39,7 @@ class Base:
     tokenizer: object
     domains: list[Domain]
     n_base_domains: int
-    """1 when the base has a declared domain of its own (``model.pretrain``), else 0."""
+    """1 when the base has a declared domain of its own (``model.pretrain`` or ``model.domain``), else 0."""
     dtype: torch.dtype = torch.float32
     """What the base is held in during the search (``model.dtype``); a built model is pretrained in
     float32 first, then cast (``hold``)."""
@@ -69,8 +69,9 @@ class Base:
 
 
 def read_documents(config: ExperimentConfig) -> tuple[dict | None, list[dict]]:
-    """Every split of the pretraining domain (if any) and of every stage, as documents."""
-    pretrain = stage_data.load_splits(config.model.pretrain) if config.model.pretrain else None
+    """Every split of the base's own domain (if declared) and of every stage, as documents."""
+    own = config.model.own_domain
+    pretrain = stage_data.load_splits(own) if own else None
     return pretrain, [stage_data.load_splits(s) for s in config.stages]
 
 
@@ -80,8 +81,9 @@ def tokenize_domains(config: ExperimentConfig, tokenizer, pretrain_docs, stage_d
 
     domains = [Domain(s.name, tok(d, f"stage '{s.name}'")) for s, d in zip(config.stages, stage_docs)]
     if pretrain_docs:
-        p = config.model.pretrain
-        domains.insert(0, Domain(p.name, tok(pretrain_docs, f"model.pretrain '{p.name}'")))
+        p = config.model.own_domain
+        field = "model.pretrain" if config.model.pretrain else "model.domain"
+        domains.insert(0, Domain(p.name, tok(pretrain_docs, f"{field} '{p.name}'")))
     return domains
 
 
@@ -113,7 +115,7 @@ def load_base(config: ExperimentConfig, say=log.info, model_dir: str | None = No
         model, tokenizer = load_model(config.model.name_or_path, torch.float32 if config.model.pretrain else dtype)
     model.to(device).eval()
     return Base(model, tokenizer, tokenize_domains(config, tokenizer, pretrain_docs, stage_docs),
-                1 if config.model.pretrain else 0, dtype, device)
+                1 if config.model.own_domain else 0, dtype, device)
 
 
 def pretrain(base: Base, config: ExperimentConfig, say=log.info, max_steps: int | None = None) -> None:

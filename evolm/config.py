@@ -79,6 +79,13 @@ class PretrainConfig(DataSource):
     weight_decay: float = Field(default=0.0, ge=0)
 
 
+class BaseDomainConfig(DataSource):
+    """Data that stands for what a loaded model already knows (no pretraining): retention, replay,
+    the loss matrix and forgetting measure the base's own domain on it."""
+
+    name: str = Field(default="base", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
 class BuildConfig(Section):
     """A small causal LM built from a config (no download)."""
 
@@ -105,6 +112,9 @@ class ModelConfig(Section):
     """Build a small model from a config instead (mutually exclusive with ``name_or_path``)."""
     pretrain: PretrainConfig | None = None
     """Optional first full fine-tune on a general domain, so the base already knows something."""
+    domain: BaseDomainConfig | None = None
+    """The base's own domain without pretraining (e.g. a hub model's kind of text); ``pretrain``
+    declares it too, so the two exclude each other."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The dtype the base is held in (adapters and optimizer state stay float32). auto: bfloat16 where
     the driver's device supports it (a GPU), float32 on a CPU. Pretraining runs in float32, then the
@@ -124,7 +134,15 @@ class ModelConfig(Section):
     def _one_source(self):
         if (self.name_or_path is None) == (self.build is None):
             raise ValueError("set exactly one of model.name_or_path (hub id or local dir) or model.build")
+        if self.pretrain is not None and self.domain is not None:
+            raise ValueError("model.pretrain already declares the base's domain; drop model.domain "
+                             "(or model.pretrain, to measure a loaded model on model.domain without training it)")
         return self
+
+    @property
+    def own_domain(self) -> DataSource | None:
+        """The base's own domain: ``pretrain``'s data or ``domain``."""
+        return self.pretrain or self.domain
 
 
 class TrainingConfig(Section):
@@ -166,9 +184,13 @@ class WinnerConfig(Section):
 
     rule: str = "min_first"
     """A registered winner rule (``evolm.registry.WINNER_RULES``). min_first: lowest first objective.
-    min_val_loss_within_retention: the lowest val_loss whose retention_loss is at most (1 + epsilon)
-    times the stage base's, else the lowest retention_loss."""
+    min_val_loss_within_forgetting: the lowest val_loss whose retention_loss exceeds the stage base's
+    by at most max_forgetting nats, else the lowest retention_loss. min_val_loss_within_retention:
+    the same with a relative limit, (1 + epsilon) times the stage base's. Default: within_forgetting
+    when the objectives include retention_loss, else min_first."""
     epsilon: float = Field(default=0.05, ge=0)
+    max_forgetting: float = Field(default=0.05, ge=0)
+    """Nats of validation loss on earlier domains a stage may give up (min_val_loss_within_forgetting)."""
 
     @field_validator("rule")
     @classmethod
@@ -193,7 +215,9 @@ class SearchConfig(Section):
     objectives: list[str] = Field(default=["val_loss"], min_length=1)
     """What evolution minimises: one objective -> (mu + lambda); several -> NSGA-II. A registered name
     (val_loss, retention_loss, adapter_params, see ``evolm.objectives``) or your own ``module:function``.
-    retention_loss is the validation loss on all earlier stages (the base's own domain included)."""
+    retention_loss is the validation loss on all earlier stages (the base's own domain included).
+    Default: [val_loss, retention_loss] when the run has an earlier domain to keep (several stages, or
+    the base's own domain), else [val_loss]."""
     winner: WinnerConfig = Field(default_factory=WinnerConfig)
 
     population_size: int = Field(default=6, ge=2)
@@ -241,8 +265,6 @@ class SearchConfig(Section):
     def _check(self):
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"objectives must not repeat (got {self.objectives})")
-        if self.winner.rule == "min_val_loss_within_retention" and not {"val_loss", "retention_loss"} <= set(self.objectives):
-            raise ValueError("winner.rule min_val_loss_within_retention needs objectives val_loss and retention_loss")
         if self.crossover_prob + self.mutation_prob > 1:
             raise ValueError(f"crossover_prob + mutation_prob must be <= 1 "
                              f"(now {self.crossover_prob} + {self.mutation_prob})")
@@ -263,6 +285,13 @@ class SearchConfig(Section):
         return self
 
 
+def _check_rule_objectives(search: SearchConfig) -> None:
+    needs_both = ("min_val_loss_within_retention", "min_val_loss_within_forgetting")
+    if search.winner.rule in needs_both and not {"val_loss", "retention_loss"} <= set(search.objectives):
+        raise ValueError(f"winner.rule {search.winner.rule} needs objectives val_loss and retention_loss "
+                         f"(now {search.objectives}); add retention_loss or choose winner.rule min_first")
+
+
 class MergeConfig(Section):
     """How stage winners become the next base (docs/design.md, "Merging, precisely")."""
 
@@ -276,6 +305,19 @@ class MergeConfig(Section):
     """Weight of each of the top_k deltas (default: 1 / top_k each)."""
     density: float = Field(default=0.5, gt=0, le=1)
     """ties / dare: share of each delta's entries kept."""
+    strengths: list[float] = Field(default=[0.25, 0.5, 0.75, 1.0], min_length=1)
+    """Merge strengths tried (each in (0, 1]): the next base is stage base + s · (merged − stage base).
+    Each is scored on validation splits; the winner rule picks one (docs/design.md, "Merge strength").
+    [1.0]: the merge as it is."""
+
+    @field_validator("strengths")
+    @classmethod
+    def _in_unit_interval(cls, strengths: list[float]) -> list[float]:
+        bad = [s for s in strengths if not 0 < s <= 1]
+        if bad:
+            raise ValueError(f"every strength must be in (0, 1] (0 would keep the stage base unchanged); "
+                             f"got {bad[0]}")
+        return sorted(set(strengths))
 
     @field_validator("method")
     @classmethod
@@ -347,8 +389,27 @@ class ExperimentConfig(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
-        if self.model.pretrain is not None and self.model.pretrain.name in names:
-            raise ValueError(f"model.pretrain.name '{self.model.pretrain.name}' is also a stage name")
+        own = self.model.own_domain
+        if own is not None and own.name in names:
+            field = "model.pretrain.name" if self.model.pretrain else "model.domain.name"
+            raise ValueError(f"{field} '{own.name}' is also a stage name")
+        return self
+
+    @model_validator(mode="after")
+    def _forgetting_aware_defaults(self):
+        """Unless the experiment says otherwise, a run with something to forget searches and merges
+        to keep it: objectives [val_loss, retention_loss], the winner within a forgetting budget."""
+        search, earlier = self.search, len(self.stages) > 1 or self.model.own_domain is not None
+        if "objectives" not in search.model_fields_set:
+            search.objectives = ["val_loss", "retention_loss"] if earlier else ["val_loss"]
+        if "rule" not in search.winner.model_fields_set:
+            search.winner.rule = ("min_val_loss_within_forgetting" if "retention_loss" in search.objectives
+                                  else "min_first")
+        if not earlier and "retention_loss" in search.objectives:
+            raise ValueError("search.objectives: retention_loss needs an earlier domain to retain, and this "
+                             "experiment has one stage and no base domain; add model.domain (data that stands "
+                             "for what the model already knows) or drop retention_loss")
+        _check_rule_objectives(search)
         return self
 
     def hash(self) -> str:

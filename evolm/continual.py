@@ -3,7 +3,8 @@
     base = prepare (built or loaded; pretrained on model.pretrain when declared)
     for stage k:
         population = evolve_stage(population carried over from k-1, or random)   evolm.stage
-        base       = merge(winners, base); save models/stage-k                      evolm.winners
+        merged     = merge(winners, base)                                           evolm.winners
+        base       = the best of base + s · (merged − base) over merge.strengths; save  evolm.strength
         loss matrix row k = test losses of base on every domain
 
 A checkpoint follows every generation and every merge. Every finished evaluation is in the
@@ -42,7 +43,8 @@ from evolm.searchspace import resolve_space, training_defaults
 from evolm.runstate import (RunState, check_data_unchanged, checkpoint_state, fill_replay, genome_from_state,
                             restore_search, write_loss_matrix, write_run_info)
 from evolm.stage import GenerationStep, StageHooks, StepBudget, evolve_stage
-from evolm.winners import best_merge, choose_winners, merge_candidates, source_of
+from evolm.strength import score_merges
+from evolm.winners import choose_winners, merge_candidates, source_of
 
 __all__ = ["ContinualRun", "Reporter"]
 
@@ -160,9 +162,8 @@ class ContinualRun:
         blocks = {s: domain.blocks[s] for s in ("train", "validation")}
         if len(state.replay):
             blocks["replay"] = state.replay.blocks()
-        base_retention = 0.0  # no earlier domain (stage 1 without pretraining): nothing to forget
-        if k + state.base.n_base_domains > 1 and ("retention_loss" in self.objectives
-                                                  or cfg.search.winner.rule != "min_first"):
+        base_retention = 0.0  # no earlier domain (stage 1 without a base domain): nothing to forget
+        if k + state.base.n_base_domains > 1:
             blocks["retention"] = state.retention_blocks(k)
             base_retention = state.eval_loss(state.base.model, blocks["retention"])
         self.executor.set_stage(StagePayload(f"{self.run_dir.resolve()}/stage-{k}", ModelPayload.of(state.base.model),
@@ -193,12 +194,13 @@ class ContinualRun:
         candidates = merge_candidates(state.base.model, winners, ledger, state.training, cfg.merge, cfg.seed + k)
 
         def measure(model) -> dict:
-            return {"val_loss": state.eval_loss(model, blocks["validation"]), "adapter_params": 0.0,
-                    "retention_loss": state.eval_loss(model, blocks["retention"]) if "retention" in blocks else 0.0}
+            return {"val_loss": state.eval_loss(model, blocks["validation"]),
+                    "retention_loss": state.eval_loss(model, blocks["retention"]) if "retention" in blocks else None}
 
-        method, state.base.model = best_merge(candidates, measure, self.objectives,
-                                              rule if "retention" in blocks else {"rule": "min_first"},
-                                              state.evolution.fitness_class, say)
+        curve, state.base.model = score_merges(state.base.model, candidates, cfg.merge.strengths, measure,
+                                               self.objectives, rule if "retention" in blocks else {"rule": "min_first"},
+                                               state.evolution.fitness_class, say)
+        chosen = next(p for p in curve if p.chosen)
         kept = [(g, source_of(g, ledger)) for g in winners.ranked[: 1 + cfg.checkpoint.keep_adapters]]
         adapters = export_stage_adapters(self.run_dir, k, [  # a runner-up whose file is gone is skipped
             (src, hyperparameters(g.values, state.training), ledger.load_adapter(src),
@@ -214,7 +216,8 @@ class ContinualRun:
                                end_loss=state.loss_matrix[k][col],
                                winner=winner.to_json() | {"result_of": merged[0]},
                                winner_objectives=objectives, winner_val_loss=objectives.get("val_loss"),
-                               merge_method=method, merged=merged, evaluations=ledger.trained,
+                               merge_method=chosen.method, merge_strength=chosen.strength,
+                               merge_curve=[p.to_json() for p in curve], merged=merged, evaluations=ledger.trained,
                                steps=ledger.steps_before(), hall_of_fame=[g.id for g in hof], adapters=adapters,
                                seconds=time.perf_counter() - start)
         state.summaries = state.summaries[: k - 1] + [summary]

@@ -230,3 +230,24 @@ def min_val_loss_within_retention(genomes: list[Genome], objectives: list[str], 
     beyond = [g for g in genomes if g.fitness.values[r] > limit]
     return (sorted(within, key=lambda g: (g.fitness.values[v], g.fitness.values[r]))
             + sorted(beyond, key=lambda g: (g.fitness.values[r], g.fitness.values[v])))
+
+
+@WINNER_RULES.register("min_val_loss_within_forgetting")
+def min_val_loss_within_forgetting(genomes: list[Genome], objectives: list[str], rule: dict) -> list[Genome]:
+    """The genomes whose retention_loss exceeds the stage base's by at most ``max_forgetting`` nats,
+    by val_loss; then the others, by retention_loss. So each stage forgets at most max_forgetting
+    (on validation splits) when any candidate allows it, and as little as it can otherwise."""
+    missing = [o for o in ("val_loss", "retention_loss") if o not in objectives]
+    if missing:
+        raise ValueError(f"winner rule 'min_val_loss_within_forgetting' needs the objectives val_loss and "
+                         f"retention_loss; missing: {', '.join(missing)} (objectives: {objectives})")
+    budget, base_retention = float(rule.get("max_forgetting", 0.05)), rule.get("base_retention")
+    if base_retention is None or not math.isfinite(base_retention) or budget < 0:
+        raise ValueError(f"winner rule 'min_val_loss_within_forgetting' needs a finite base_retention and "
+                         f"max_forgetting >= 0. Current values: base_retention={base_retention}, "
+                         f"max_forgetting={budget}")
+    v, r = objectives.index("val_loss"), objectives.index("retention_loss")
+    within = [g for g in genomes if g.fitness.values[r] <= base_retention + budget]
+    beyond = [g for g in genomes if g.fitness.values[r] > base_retention + budget]
+    return (sorted(within, key=lambda g: (g.fitness.values[v], g.fitness.values[r]))
+            + sorted(beyond, key=lambda g: (g.fitness.values[r], g.fitness.values[v])))

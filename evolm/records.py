@@ -110,6 +110,10 @@ class StageSummary(_Record):
     winner_objectives: dict = field(default_factory=dict)
     winner_val_loss: float | None = None
     merge_method: str = ""
+    merge_strength: float = 1.0
+    """How far the next base moved from the stage base towards the merge (``evolm.strength``)."""
+    merge_curve: list = field(default_factory=list)
+    """Every (method, strength) point scored: val_loss, retention_loss, pareto, chosen."""
     merged: list = field(default_factory=list)
     evaluations: int = 0
     """Evaluations trained in this stage (cached twins and records from before a resume not counted twice)."""

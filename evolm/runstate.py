@@ -137,7 +137,7 @@ def restore_search(checkpoint: dict | None, evolution: Evolution) -> ResumePoint
 
 # ----- provenance -----------------------------------------------------------------------------
 def data_files(config: ExperimentConfig) -> list[Path]:
-    sources = ([config.model.pretrain] if config.model.pretrain else []) + list(config.stages)
+    sources = ([config.model.own_domain] if config.model.own_domain else []) + list(config.stages)
     return [p for s in sources for p in (s.train, s.validation, s.test) if p is not None]
 
 

@@ -2,8 +2,9 @@
 
     ranked  = rank_by_rule(hall of fame, winner rule)     failed genomes left out
     chosen  = ranked[:merge.top_k]                         their adapters, from the ledger
-    base'   = merge(base, chosen) by merge.method          ``auto``: every registered strategy's merge,
-                                                           scored on validation splits, best by the rule
+    merged  = merge(base, chosen) by merge.method          ``auto``: one merge per registered strategy
+    base'   = the best (merge, strength) point             ``evolm.strength``: scored on validation
+                                                           splits, chosen by the winner rule
 The merge math is in ``evolm.merge``; see docs/design.md, "Merging, precisely".
 """
 from __future__ import annotations
@@ -65,23 +66,3 @@ def merge_candidates(base_model, winners: Winners, ledger: StageLedger, training
         except ValueError as exc:  # the run is resumable: the stage's evaluations are in the ledger
             raise EvolmError(f"merge.method {m}: {exc}; choose another merge.method and resume the run") from None
     return candidates
-
-
-def best_merge(candidates: list[tuple[str, object]], measure, objectives: list[str], rule: dict,
-               fitness_class, say) -> tuple[str, object]:
-    """``auto``: the candidate whose validation objectives (``measure(model)`` -> {name: value}) rank
-    first by the winner rule."""
-    if len(candidates) == 1:
-        return candidates[0]
-    scored = []
-    for method, model in candidates:
-        g = Genome(values={}, id=method, fitness=fitness_class())
-        values = measure(model)
-        g.fitness.values = tuple(values.get(o, 0.0) for o in objectives)  # an objective unknown to a merge: neutral
-        scored.append((g, (method, model)))
-    ranked = rank_by_rule([g for g, _ in scored], objectives, rule)
-    if not ranked:
-        raise EvolmError("merge.method auto: every candidate merge gave a non-finite validation loss")
-    method, model = next(c for g, c in scored if g is ranked[0])
-    say(f"auto merge: {method} chosen among {', '.join(m for m, _ in candidates)}")
-    return method, model

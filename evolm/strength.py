@@ -1,0 +1,113 @@
+"""Merge strength: how far the next base moves from the stage base towards a merged model.
+
+    model(s) = base + s · (merged − base)        s in merge.strengths, for every merge candidate
+
+As WiSE-FT interpolates between a pre-trained and a fine-tuned model, a strength below 1 gives up
+part of the new domain's gain for retention of the earlier ones, at no training cost. Every
+(candidate, strength) point is scored on validation splits only (this stage's ``val_loss``, the
+earlier domains' ``retention_loss``); the Pareto set of the two is marked, and the winner rule picks
+the point that becomes the next base. The whole curve goes into the stage's summary.
+See docs/design.md, "Merge strength".
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from evolm.errors import EvolmError
+from evolm.evolution import pareto_front, rank_by_rule
+from evolm.genome import Genome
+
+
+@dataclass
+class MergePoint:
+    method: str
+    strength: float
+    val_loss: float
+    retention_loss: float | None
+    """None when the stage has no earlier domain to retain."""
+    pareto: bool = False
+    chosen: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def changed_parameters(base_model, merged_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (base weight, merged − base)} for every parameter the merge changed."""
+    base = dict(base_model.named_parameters())
+    out = {}
+    with torch.no_grad():
+        for name, p in merged_model.named_parameters():
+            delta = p.detach().float() - base[name].detach().float()
+            if torch.any(delta != 0):
+                out[name] = (base[name].detach().float(), delta)
+    return out
+
+
+def set_strength(model, changed: dict, strength: float) -> None:
+    """``model``'s changed parameters set to base + strength · delta (in place)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, (w, delta) in changed.items():
+            params[name].copy_((w + strength * delta).to(params[name].dtype))
+
+
+def score_merges(base_model, candidates: list[tuple[str, object]], strengths: list[float], measure,
+                 objectives: list[str], rule: dict, fitness_class, say) -> tuple[list[MergePoint], object]:
+    """Every (method, strength) point scored by ``measure(model) -> {objective: value}``; returns the
+    points (Pareto set and choice marked) and the chosen model."""
+    points, changes = [], []
+    for method, model in candidates:
+        changed = changed_parameters(base_model, model)
+        changes.append(changed)
+        for s in strengths:
+            set_strength(model, changed, s)
+            values = measure(model)
+            points.append(MergePoint(method, float(s), values["val_loss"], values.get("retention_loss")))
+    best = _choose(points, objectives, rule, fitness_class)
+    for i in _pareto_indices(points):
+        points[i].pareto = True
+    points[best].chosen = True
+    chosen = points[best]
+    index = [m for m, _ in candidates].index(chosen.method)
+    model = candidates[index][1]
+    set_strength(model, changes[index], chosen.strength)
+    if len(points) > 1:
+        say(f"merge: {chosen.method} at strength {chosen.strength:g} chosen among {len(points)} points "
+            f"(val_loss {chosen.val_loss:.4f}" + (f", retention_loss {chosen.retention_loss:.4f})"
+                                                  if chosen.retention_loss is not None else ")"))
+    return points, model
+
+
+def _choose(points: list[MergePoint], objectives: list[str], rule: dict, fitness_class) -> int:
+    """The point ranked first by the winner rule (an objective a merge does not measure counts as 0)."""
+    genomes = []
+    for i, p in enumerate(points):
+        g = Genome(values={}, id=str(i), fitness=fitness_class())
+        known = {"val_loss": p.val_loss, "retention_loss": p.retention_loss or 0.0}
+        g.fitness.values = tuple(known.get(o, 0.0) for o in objectives)
+        genomes.append(g)
+    ranked = rank_by_rule(genomes, objectives, rule)
+    if not ranked:
+        raise EvolmError("merge: every candidate merge gave a non-finite validation loss; the stage's "
+                         "evaluations are in the ledger: change merge.method or merge.strengths and resume")
+    return int(ranked[0].id)
+
+
+def _pareto_indices(points: list[MergePoint]) -> list[int]:
+    finite = [i for i, p in enumerate(points) if math.isfinite(p.val_loss)]
+    if all(points[i].retention_loss is None for i in finite):
+        return [min(finite, key=lambda i: points[i].val_loss)] if finite else []
+    values = [(points[i].val_loss, points[i].retention_loss) for i in finite]
+    return [finite[j] for j in pareto_front(values)]
+
+
+def interpolate(base_model, merged_model, strength: float):
+    """A copy of ``merged_model`` at ``strength`` (a plain model: base + strength · (merged − base))."""
+    model = copy.deepcopy(merged_model)
+    set_strength(model, changed_parameters(base_model, merged_model), strength)
+    return model
