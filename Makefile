@@ -25,6 +25,14 @@ data: $(DATA)
 $(DATA): experiments/data/prepare.py | $(STAMP)
 	$(PY) experiments/data/prepare.py
 
+# The second stream (experiments/system-stream.yaml), from Debian system files: changelogs, C headers,
+# Perl modules, copyright files, into experiments/data/prepared/system/.
+.PHONY: system-data
+system-data: experiments/data/prepared/system/manifest.json
+
+experiments/data/prepared/system/manifest.json: experiments/data/prepare_system.py | $(STAMP)
+	$(PY) experiments/data/prepare_system.py
+
 run: $(STAMP) $(DATA)
 	$(VENV)/bin/evolm run experiments/quickstart.yaml
 

@@ -1,25 +1,35 @@
-"""Continual-learning benchmark: does evolving for retention forget less, at equal training steps?
+"""Continual-learning benchmark: learn each stage like a tuned search, keep earlier domains like naive LoRA?
 
-Four methods on the same stage stream (default: the offline quickstart's), each stage's merged
-adapter trained for the same number of steps (``--steps``; the joint adapter gets steps x stages):
+Methods, on each stream (an experiment YAML: a base with its own domain, then stages), each seed,
+every trained adapter running the same ``--steps`` (the joint adapter: steps x stages):
 
-1. naive     sequential LoRA with common defaults (r=8, alpha=16, dropout 0.05, lr 2e-4, attention
-             only), merged after each stage: one fine-tune per stage, no search
-2. val_loss  evolm, selecting on the current stage's validation loss only
-3. retention evolm, NSGA-II on val_loss + retention_loss, a replay_ratio gene, winner rule
-             "lowest val_loss whose retention_loss is within (1 + epsilon) of the stage base's"
-4. joint     one adapter trained on all stages' data mixed, its hyperparameters found by evolm's
-             search on the mixed data (the upper bound; not continual)
+  naive          sequential LoRA with common defaults (r=8, alpha=16, dropout 0.05, lr 2e-4, attention
+                 only), merged at full strength after each stage: one fine-tune per stage, no search
+  val_loss       evolm selecting on the stage's validation loss only, merged at full strength
+  default        evolm as a user gets it: objectives [val_loss, retention_loss], the replay gene, the
+                 winner within max_forgetting, merge strength searched
+  orthogonality  default plus the orthogonality gene (O-LoRA-style penalty, evolm.interference)
+  merge_scale    default, but the strength evolved as a gene (merge_scale) instead of searched after
+  tpe            per stage, Optuna TPE on val_loss only (as many trials as val_loss's evaluations),
+                 the best merged at full strength: what a user would write by hand
+  joint          one adapter trained on every domain's data mixed (the base's own included), searched
+                 by evolm on val_loss (the upper bound; not continual)
 
-Usage:  python benchmarks/continual.py [--experiment experiments/quickstart.yaml] [--steps 40] ...
-Writes <out>/<method>/ (a normal run directory each) and <out>/continual.json, and prints the table.
+Usage:
+  python benchmarks/continual.py --experiments experiments/quickstart.yaml experiments/system-stream.yaml \
+      --seeds 0 1 [--steps 40 --population 4 --generations 1 --methods ...]
+Writes <out>/<stream>/seed-<s>/<method>/ (a run directory each), <out>/continual.json, and prints
+the tables (loss matrices, average final test loss, forgetting, each stage's own loss right after
+learning it, seconds) and the targets.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,138 +40,230 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from evolm.base import load_base, prepare_base, test_losses  # noqa: E402
 from evolm.configfile import parse_config  # noqa: E402
 from evolm.continual import ContinualRun  # noqa: E402
-from evolm.base import load_base, test_losses  # noqa: E402
 from evolm.data import read_documents  # noqa: E402
-from evolm.executor import LocalExecutor, RayExecutor  # noqa: E402
-from evolm.metrics import summarize  # noqa: E402
+from evolm.executor import EvalRequest, LocalExecutor, RayExecutor, StagePayload  # noqa: E402
+from evolm.genome import evaluation_seed, hyperparameters  # noqa: E402
+from evolm.merge import merge_best  # noqa: E402
+from evolm.models import ModelPayload, family_and_layers, linear_layer_names  # noqa: E402
+from evolm.searchspace import resolve_space, training_defaults  # noqa: E402
+from search import from_optuna, optuna_distributions  # noqa: E402
 
-METHODS = ("naive", "val_loss", "retention", "joint")
+METHODS = ("naive", "val_loss", "default", "orthogonality", "merge_scale", "tpe", "joint")
 
 
 def fixed(value):
     return {"type": "categorical", "choices": [value]}
 
 
-def method_config(base: dict, method: str, args, out: Path) -> dict:
-    raw = json.loads(json.dumps(base))
-    raw["name"], raw["output_dir"] = f"bench-{method}", str(out)
-    raw["search"] = dict(raw.get("search", {}), population_size=args.population, offspring_size=args.population,
-                         generations=args.generations)
-    space = {"max_steps": fixed(args.steps), "replay_ratio": None}
+def method_config(stream: dict, method: str, seed: int, args, out: Path) -> dict:
+    raw = json.loads(json.dumps(stream))
+    raw.update(name=f"bench-{method}", output_dir=str(out), seed=seed, prompts=[])
+    search = raw["search"]
+    search.update(population_size=args.population, offspring_size=args.population, generations=args.generations)
+    space = dict(search.get("space") or {}, max_steps=fixed(args.steps))
+    if method in ("naive", "val_loss", "joint", "tpe"):
+        search.update(objectives=["val_loss"], winner={"rule": "min_first"})
+        raw["merge"] = dict(raw.get("merge", {}), strengths=[1.0])
+        space["replay_ratio"] = None
     if method == "naive":
         attention = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}[raw["model"]["build"]["family"]]
         space.update(r=fixed(8), lora_alpha=fixed(16), lora_dropout=fixed(0.05), target_modules=fixed(attention),
                      layers=None, learning_rate=fixed(2e-4), weight_decay=fixed(0.0), warmup_ratio=fixed(0.0))
-        raw["search"].update(population_size=2, generations=0)  # every genome is the same: one fine-tune
-    elif method == "retention":
-        space["replay_ratio"] = {"type": "uniform", "low": 0.0, "high": 0.5}
-        raw["search"].update(objectives=["val_loss", "retention_loss"],
-                             winner={"rule": "min_val_loss_within_retention", "epsilon": args.epsilon})
+        search.update(population_size=2, generations=0)  # every genome is the same: one fine-tune
+    elif method == "orthogonality":
+        space["orthogonality"] = {"type": "categorical", "choices": [0.0, 0.1, 1.0, 10.0]}
+    elif method == "merge_scale":
+        space["merge_scale"] = {"type": "uniform", "low": 0.2, "high": 1.0}
+        raw["merge"] = dict(raw.get("merge", {}), strengths=[1.0])
     elif method == "joint":
         space["max_steps"] = fixed(args.steps * len(raw["stages"]))
         raw["stages"] = [joint_stage(raw, out)]
-    raw["search"]["space"] = space
-    raw["prompts"] = []
+        raw["model"]["domain"] = None
+    search["space"] = space
     return raw
 
 
 def joint_stage(raw: dict, out: Path) -> dict:
-    """All stages' documents in one JSON-lines file; splits are derived by hashing each document,
-    so every document lands in the same split as in its own stage."""
+    """Every domain's training documents in one JSON-lines file (splits are derived by hashing each
+    document, so a document lands in the split it has in its own stage)."""
     config = parse_config(raw)
     path = out / "joint.jsonl"
     out.mkdir(parents=True, exist_ok=True)
+    sources = ([config.model.own_domain] if config.model.own_domain else []) + list(config.stages)
     with open(path, "w", encoding="utf-8") as f:
-        for stage in config.stages:
-            for doc in read_documents(stage, stage.train):
+        for source in sources:
+            for doc in read_documents(source, source.train):
                 f.write(json.dumps({"text": doc}) + "\n")
     return {"name": "joint", "format": "jsonl", "train": str(path), "text_field": "text"}
 
 
-def joint_matrix(base_raw: dict, run_dir: Path) -> dict:
-    """The joint model's test losses on each original domain (rows: base, joint)."""
-    config = parse_config(base_raw)
+def joint_matrix(stream: dict, run_dir: Path) -> list[list[float]]:
+    """Rows base and joint on the stream's own domains."""
+    config = parse_config(stream)
     rows = []
     for stage_dir in ("stage-0", "stage-1"):
         base = load_base(config, model_dir=str(run_dir / "models" / stage_dir))
         rows.append(test_losses(base.model, base.domains, config.training.eval_batch_size))
-    return {"columns": [d.name for d in base.domains], "rows": ["base", "joint"], "matrix": rows}
+    return rows
+
+
+def run_tpe(stream: dict, seed: int, args, run_dir: Path) -> list[list[float]]:
+    """Per stage: Optuna TPE on val_loss (batches of ``workers``, constant liar) on the Ray workers,
+    as many trials as evolm's val_loss search trains; the best adapter merged at full strength."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = parse_config(method_config(stream, "tpe", seed, args, run_dir.parent))
+    base = prepare_base(config)
+    family, n_layers = family_and_layers(base.model)
+    linear = linear_layer_names(base.model)
+    space, training = resolve_space(config, family, n_layers, linear), training_defaults(config, family, linear)
+    matrix, trials = [test_losses(base.model, base.domains, training["eval_batch_size"])], args.population * (1 + args.generations)
+    executor = LocalExecutor() if args.no_ray else RayExecutor(config.ray)
+    try:
+        for k in range(1, len(config.stages) + 1):
+            domain = base.stage_domain(k)
+            executor.set_stage(StagePayload(f"tpe-{seed}-{k}", ModelPayload.of(base.model),
+                                            {s: domain.blocks[s] for s in ("train", "validation")}, training))
+            sampler = optuna.samplers.TPESampler(seed=seed * 100 + k, constant_liar=True)
+            study, best = optuna.create_study(direction="minimize", sampler=sampler), None
+            for start in range(0, trials, config.ray.num_workers):
+                batch = [study.ask(optuna_distributions(space)) for _ in range(min(config.ray.num_workers, trials - start))]
+                values = {f"tpe-{t.number}": from_optuna(space, t.params) for t in batch}
+                results = {}
+                executor.map([EvalRequest(tag, hyperparameters(v, training), evaluation_seed(seed, k, tag))
+                              for tag, v in values.items()], lambda r: results.__setitem__(r["genome_id"], r))
+                for t in batch:
+                    r = results[f"tpe-{t.number}"]
+                    loss = r["objectives"]["val_loss"] if r["status"] == "ok" else math.inf
+                    study.tell(t, loss if math.isfinite(loss) else None,
+                               state=None if math.isfinite(loss) else optuna.trial.TrialState.FAIL)
+                    if math.isfinite(loss) and (best is None or loss < best[0]):
+                        best = (loss, hyperparameters(values[f"tpe-{t.number}"], training), r["adapter"])
+            base.model = merge_best(base.model, best[1], best[2])
+            matrix.append(test_losses(base.model, base.domains, training["eval_batch_size"]))
+    finally:
+        executor.close()
+    return matrix
+
+
+def run_method(stream: dict, method: str, seed: int, args, out: Path) -> dict:
+    run_dir = out / method
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output of an earlier run
+    start = time.time()
+    if method == "tpe":
+        return {"matrix": run_tpe(stream, seed, args, run_dir), "seconds": time.time() - start}
+    config = parse_config(method_config(stream, method, seed, args, out))
+    executor = (lambda: LocalExecutor()) if args.no_ray else (lambda: RayExecutor(config.ray))
+    summaries = ContinualRun(config, run_dir, executor).run()
+    matrix = (joint_matrix(stream, run_dir) if method == "joint"
+              else json.loads((run_dir / "loss_matrix.json").read_text())["matrix"])
+    return {"matrix": matrix, "seconds": time.time() - start,
+            "strengths": [s.merge_strength for s in summaries], "evaluations": sum(s.evaluations for s in summaries)}
+
+
+def measures(matrix: list[list[float]], n_base: int, joint: bool) -> dict:
+    """Average final test loss over all domains; for a continual method also the forgetting of each
+    earlier domain (final minus right after learning it; the base's own: minus the base's) and each
+    stage's own test loss right after learning it."""
+    L = np.array(matrix)
+    out = {"average_final_loss": float(L[-1].mean())}
+    if joint:
+        return out
+    n_stages = L.shape[0] - 1
+    learned_row = [0] * n_base + list(range(1, n_stages + 1))
+    earlier = range(L.shape[1] - 1)  # every domain but the last stage's
+    out["forgetting"] = [float(L[-1, j] - L[learned_row[j], j]) for j in earlier]
+    out["mean_forgetting"] = float(np.mean(out["forgetting"]))
+    out["own_after_learning"] = [float(L[k, n_base + k - 1]) for k in range(1, n_stages + 1)]
+    return out
+
+
+def targets(per_seed: dict) -> dict:
+    """The issue's three targets, on the median over seeds."""
+    med = {m: {"average_final_loss": statistics.median(r["average_final_loss"] for r in runs)}
+           for m, runs in per_seed.items()}
+    for m, runs in per_seed.items():
+        if "mean_forgetting" in runs[0]:
+            med[m]["mean_forgetting"] = statistics.median(r["mean_forgetting"] for r in runs)
+            med[m]["own_after_learning"] = [statistics.median(v) for v in zip(*(r["own_after_learning"] for r in runs))]
+    out = {"median": med}
+    for m in ("default", "orthogonality", "merge_scale"):
+        if m not in med:
+            continue
+        t = {"mean_forgetting": med[m]["mean_forgetting"], "forgetting_met": med[m]["mean_forgetting"] <= 0.10}
+        if "val_loss" in med:
+            gap = max(a - b for a, b in zip(med[m]["own_after_learning"], med["val_loss"]["own_after_learning"]))
+            t.update(own_loss_gap_to_val_loss=gap, own_loss_met=gap <= 0.10)
+        if {"naive", "joint"} <= set(med):
+            span = med["naive"]["average_final_loss"] - med["joint"]["average_final_loss"]
+            closed = (med["naive"]["average_final_loss"] - med[m]["average_final_loss"]) / span if span else None
+            t.update(share_of_naive_to_joint=closed, average_met=closed is not None and closed >= 0.9)
+        out[m] = t
+    return out
+
+
+def format_stream(name: str, columns: list[str], results: dict, report: dict) -> str:
+    lines = [f"### {name}", "", "| method | average final test loss | mean forgetting | forgetting per earlier domain "
+             "| own test loss right after learning | seconds |", "|---|---|---|---|---|---|"]
+    for m, runs in results.items():
+        med = report["median"][m]
+        forget = (f"{med['mean_forgetting']:.3f}" if "mean_forgetting" in med else "n/a")
+        per = ("; ".join(f"{c} " + "/".join(f"{r['forgetting'][j]:+.3f}" for r in runs)
+                         for j, c in enumerate(columns[:-1])) if "forgetting" in runs[0] else "n/a")
+        own = ("; ".join(f"{v:.3f}" for v in med["own_after_learning"]) if "own_after_learning" in med else "n/a")
+        secs = statistics.median(r["seconds"] for r in runs)
+        lines.append(f"| {m} | {med['average_final_loss']:.3f} | {forget} | {per} | {own} | {secs:.0f} |")
+    for m in ("default", "orthogonality", "merge_scale"):
+        if m in report:
+            lines.append(f"\n{m}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in report[m].items()))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", type=Path, default=Path("experiments/quickstart.yaml"))
+    parser.add_argument("--experiments", type=Path, nargs="+",
+                        default=[Path("experiments/quickstart.yaml"), Path("experiments/system-stream.yaml")])
     parser.add_argument("--out", type=Path, default=Path("results/bench-continual"))
-    parser.add_argument("--steps", type=int, default=40, help="training steps of each stage's merged adapter")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=40, help="training steps of every adapter")
     parser.add_argument("--population", type=int, default=4)
-    parser.add_argument("--generations", type=int, default=2)
-    parser.add_argument("--epsilon", type=float, default=0.05)
+    parser.add_argument("--generations", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--pretrain-steps", type=int, help="override model.pretrain.max_steps (a quick check)")
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args(argv)
-    base = yaml.safe_load(args.experiment.read_text())
-    base = json.loads(json.dumps(parse_config(base, base_dir=args.experiment.parent).model_dump(mode="json")))
-    results = {}
-    for method in args.methods:
-        raw = method_config(base, method, args, args.out)
-        config = parse_config(raw)
-        run_dir = args.out / method
-        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output of an earlier run
-        start = time.time()
-        executor = (lambda: LocalExecutor()) if args.no_ray else (lambda: RayExecutor(config.ray))
-        ContinualRun(config, run_dir, executor).run()
-        matrix = (joint_matrix(base, run_dir) if method == "joint"
-                  else json.loads((run_dir / "loss_matrix.json").read_text()))
-        evals = sum(1 for line in (run_dir / "evaluations.jsonl").read_text().splitlines()
-                    if not json.loads(line)["cached"])
-        results[method] = {"matrix": matrix, "seconds": time.time() - start, "trained_evaluations": evals}
-        print(f"{method}: done in {results[method]['seconds']:.0f}s", flush=True)
-    report = score(results, n_base=1 if base["model"].get("pretrain") else 0)
-    (args.out / "continual.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                         "results": results, "report": report}, indent=2))
-    print(format_report(report))
+    everything, texts = {}, []
+    for path in args.experiments:
+        raw = yaml.safe_load(path.read_text())
+        config = parse_config(raw, base_dir=path.parent)
+        stream = json.loads(json.dumps(config.model_dump(mode="json")))
+        if args.pretrain_steps is not None and stream["model"].get("pretrain"):
+            stream["model"]["pretrain"]["max_steps"] = args.pretrain_steps
+        n_base = 1 if config.model.own_domain else 0
+        columns = ([config.model.own_domain.name] if n_base else []) + [s.name for s in config.stages]
+        results = {}
+        for method in args.methods:
+            for seed in args.seeds:
+                out = args.out / config.name / f"seed-{seed}"
+                r = run_method(stream, method, seed, args, out)
+                r.update(measures(r["matrix"], n_base, method == "joint"))
+                results.setdefault(method, []).append(r)
+                print(f"{config.name} seed {seed} {method}: average final {r['average_final_loss']:.3f}"
+                      f" forgetting {r.get('mean_forgetting', float('nan')):.3f} in {r['seconds']:.0f}s", flush=True)
+        report = targets(results)
+        everything[config.name] = {"columns": columns, "results": results, "report": report}
+        texts.append(format_stream(config.name, columns, results, report))
+        (args.out / "continual.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                             "streams": everything}, indent=2))
+    print("\n\n".join(texts))
     return 0
-
-
-def score(results: dict, n_base: int) -> dict:
-    """Average final test loss over the stage columns and mean forgetting of the earlier stages."""
-    report = {}
-    for method, r in results.items():
-        L = np.array(r["matrix"]["matrix"])
-        final = L[-1][n_base:]
-        entry = {"average_final_loss": float(final.mean()), "final_losses": dict(zip(r["matrix"]["columns"], L[-1])),
-                 "trained_evaluations": r["trained_evaluations"], "seconds": r["seconds"]}
-        if method != "joint":
-            m = summarize(r["matrix"], r["matrix"].get("learned_at"))
-            entry["mean_forgetting"] = m["mean_forgetting"] or 0.0  # stages learned before the last one
-            entry["backward_transfer"] = m["backward_transfer"]
-        report[method] = entry
-    if {"naive", "joint", "retention"} <= set(report):
-        gap = report["naive"]["average_final_loss"] - report["joint"]["average_final_loss"]
-        closed = report["naive"]["average_final_loss"] - report["retention"]["average_final_loss"]
-        report["gap_closed_by_retention"] = closed / gap if gap else None
-    if {"val_loss", "retention"} <= set(report) and report["val_loss"]["mean_forgetting"]:
-        report["forgetting_ratio_retention_vs_val_loss"] = (report["retention"]["mean_forgetting"]
-                                                            / report["val_loss"]["mean_forgetting"])
-    return report
-
-
-def format_report(report: dict) -> str:
-    lines = ["| method | average final test loss (stages) | mean forgetting | trained evaluations | seconds |",
-             "|---|---|---|---|---|"]
-    for method in METHODS:
-        if method in report:
-            r = report[method]
-            forget = f"{r['mean_forgetting']:.4f}" if "mean_forgetting" in r else "n/a"
-            lines.append(f"| {method} | {r['average_final_loss']:.4f} | {forget} | {r['trained_evaluations']} | "
-                         f"{r['seconds']:.0f} |")
-    for key in ("gap_closed_by_retention", "forgetting_ratio_retention_vs_val_loss"):
-        if report.get(key) is not None:
-            lines.append(f"\n{key}: {report[key]:.3f}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from evolm.adapters import export_stage_adapters
 from evolm.base import load_base, pretrain, with_fixed_threads
 from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint
+from evolm.interference import update_subspaces
 from evolm.jsonfiles import write_atomic, write_json
 from evolm.config import ExperimentConfig
 from evolm.errors import RunDirError
@@ -167,7 +169,8 @@ class ContinualRun:
             blocks["retention"] = state.retention_blocks(k)
             base_retention = state.eval_loss(state.base.model, blocks["retention"])
         self.executor.set_stage(StagePayload(f"{self.run_dir.resolve()}/stage-{k}", ModelPayload.of(state.base.model),
-                                             blocks, state.training, [resolve_objective(o) for o in self.objectives]))
+                                             blocks, state.training, [resolve_objective(o) for o in self.objectives],
+                                             self._update_subspaces(k)))
         hof = evo.hall_of_fame(max(10, cfg.merge.top_k)) if len(self.objectives) == 1 else evo.pareto_archive()
         if hof_items:
             hof.update([genome_from_state(d, evo.fitness_class) for d in hof_items])
@@ -222,6 +225,14 @@ class ContinualRun:
                                seconds=time.perf_counter() - start)
         state.summaries = state.summaries[: k - 1] + [summary]
         self.reporter.stage_end(summary)
+
+    def _update_subspaces(self, k: int) -> dict:
+        """What earlier stages changed, when the ``orthogonality`` gene may use it (else nothing)."""
+        if k == 1 or "orthogonality" not in self.state.space:
+            return {}
+        first, _ = load_model(str(self.run_dir / "models" / "stage-0"), torch.float32)
+        current = {n: p.detach().cpu() for n, p in self.state.base.model.named_parameters()}
+        return update_subspaces({n: p.detach() for n, p in first.named_parameters()}, current, uses_conv1d(first))
 
     # ----- run state on disk --------------------------------------------------------------
     def _checkpoint(self, k: int, gen: int | None, population: list, hof) -> None:

@@ -95,6 +95,8 @@ class StagePayload:
     training: dict
     objectives: list = field(default_factory=list)
     """``evolm.objectives.Objective`` objects to measure besides the built-in ones (run on the worker)."""
+    subspaces: dict = field(default_factory=dict)
+    """Earlier stages' update subspaces, for the ``orthogonality`` gene (``evolm.interference``)."""
 
 
 class _StageRunner:
@@ -119,7 +121,7 @@ class _StageRunner:
         try:
             result = evaluate_genome(self.model, self.stage.blocks, request.hp, request.seed,
                                      self.stage.training, self.device, request.resume, request.stop_at,
-                                     request.inherit, self.stage.objectives)
+                                     request.inherit, self.stage.objectives, self.stage.subspaces)
             bad = {k: v for k, v in result["objectives"].items() if not math.isfinite(v)}
             if bad:
                 what = ", ".join(f"{k}={v}" for k, v in bad.items())

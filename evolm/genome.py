@@ -88,6 +88,11 @@ class Hyperparameters:
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     replay_ratio: float = 0.0
+    orthogonality: float = 0.0
+    """λ of the penalty that keeps the adapter out of earlier stages' update subspaces (``evolm.interference``)."""
+    merge_scale: float = 1.0
+    """The trained adapter's B is scaled by this before it is measured and kept (a merge strength
+    evolved with the other genes)."""
 
     @classmethod
     def of(cls, hp: "Hyperparameters | dict[str, Any]") -> "Hyperparameters":

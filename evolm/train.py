@@ -69,7 +69,7 @@ def _backward(model, x: torch.Tensor, device: torch.device, parts: int) -> float
 
 def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int, device: torch.device,
                replay: np.ndarray | None = None, resume: dict | None = None,
-               stop_at: int | None = None) -> dict:
+               stop_at: int | None = None, penalty=None) -> dict:
     """AdamW over ``max_steps`` random batches of ``blocks``, the learning rate following
     ``lr_scheduler_type`` (transformers' schedulers; default linear warmup over ``warmup_ratio``, then
     linear decay), each batch in ``gradient_accumulation_steps`` micro-batches.
@@ -78,8 +78,9 @@ def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int,
     batch comes from ``replay`` (``evolm.replay.mix_batch_indices``); otherwise nothing changes.
     ``stop_at`` pauses after that many steps (the schedule still spans ``max_steps``) and the
     returned curve carries ``state``: what ``resume`` needs to go on exactly as if never paused
-    (successive halving). Returns a summary of the training curve; stops early when the loss
-    stops being finite.
+    (successive halving). ``penalty()`` (optional): a term added to every step's loss (its gradient
+    only; the curve reports the model's loss). Returns a summary of the training curve; stops early
+    when the loss stops being finite.
     """
     params, hp = {n: p for n, p in model.named_parameters() if p.requires_grad}, Hyperparameters.of(hp)
     steps, batch = int(hp.max_steps), int(hp.per_device_train_batch_size)
@@ -101,6 +102,8 @@ def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int,
         losses.append(_backward(model, data[idx].to(device), device, parts))
         if not math.isfinite(losses[-1]):
             break
+        if penalty:
+            penalty().backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), hp.max_grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(step)
@@ -190,20 +193,23 @@ def adapter_on(base_model, hp: dict, seed: int, device: torch.device):
 
 def fine_tune(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.device,
               replay: np.ndarray | None = None, resume: dict | None = None, stop_at: int | None = None,
-              inherit: dict | None = None) -> dict:
+              inherit: dict | None = None, subspaces: dict | None = None) -> dict:
     """Train the adapter of ``model`` (from ``adapter_on``); returns the training curve.
 
     ``inherit`` (``{"adapter": arrays, "hp": parent hyperparameters}``): start from a parent's
     trained adapter instead of a fresh one (``evolm.inherit``); ``curve["inherited"]`` says what was
-    taken. ``resume`` / ``stop_at``: see ``train_loop``.
+    taken. ``resume`` / ``stop_at``: see ``train_loop``. ``subspaces``: earlier stages' update
+    subspaces, for the ``orthogonality`` gene (``evolm.interference``).
     """
     from evolm.inherit import inherit_adapter
+    from evolm.interference import OrthogonalityPenalty
 
     inherited = None
     if inherit is not None and resume is None:  # a resumed training already holds its own weights
         inherited = {k: v for k, v in inherit.items() if k not in ("adapter", "hp")}  # who it came from
         inherited |= inherit_adapter(model, inherit["adapter"], inherit["hp"], hp)
-    curve = train_loop(model, blocks, hp, seed, device, replay, resume, stop_at)
+    penalty = OrthogonalityPenalty(model, subspaces or {}, Hyperparameters.of(hp).orthogonality)
+    curve = train_loop(model, blocks, hp, seed, device, replay, resume, stop_at, penalty)
     if inherited is not None:
         curve["inherited"] = inherited
     return curve
@@ -211,7 +217,8 @@ def fine_tune(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.devi
 
 def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: int, training: dict,
                     device: torch.device, resume: dict | None = None, stop_at: int | None = None,
-                    inherit: dict | None = None, objectives: list | None = None) -> dict:
+                    inherit: dict | None = None, objectives: list | None = None,
+                    subspaces: dict | None = None) -> dict:
     """One evaluation: fine-tune an adapter on ``base_model`` (in place, removed afterwards), then
     measure the objectives on validation splits.
 
@@ -221,7 +228,8 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
     ``objectives``: ``evolm.objectives.Objective`` objects measured besides the built-in ones.
     With ``stop_at`` below ``max_steps`` the result is a rung of successive halving: its ``state``
     lets a later call (``resume``) train on from there. ``steps``: steps this adapter has trained,
-    earlier rungs included (inherited training is not counted).
+    earlier rungs included (inherited training is not counted). ``merge_scale`` below 1 scales the
+    trained adapter's B before it is measured and returned (a paused training's ``state`` is unscaled).
     """
     from peft import get_peft_model_state_dict
 
@@ -229,9 +237,11 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
 
     start = time.perf_counter()
     with adapter_on(base_model, hp, seed, device) as model:
-        curve = fine_tune(model, blocks["train"], hp, seed, device, blocks.get("replay"), resume, stop_at, inherit)
+        curve = fine_tune(model, blocks["train"], hp, seed, device, blocks.get("replay"), resume, stop_at, inherit,
+                          subspaces)
         trained = time.perf_counter()
         state, inherited = curve.pop("state", None), curve.pop("inherited", None)
+        _scale_adapter(model, Hyperparameters.of(hp).merge_scale)
         adapter = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]))
@@ -239,3 +249,13 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
     return {"objectives": objectives, "curve": curve, "adapter": adapter,
             "adapter_params": n_params, "steps": curve["steps"], "state": state, "inherited": inherited,
             "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
+
+
+def _scale_adapter(model, scale: float) -> None:
+    """ΔW = scaling · B·A becomes scale · ΔW (the ``merge_scale`` gene)."""
+    if scale == 1.0:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.mul_(scale)
