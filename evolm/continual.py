@@ -26,7 +26,7 @@ from evolm.adapters import export_stage_adapters
 from evolm.base import load_base, pretrain, with_fixed_threads
 from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint
 from evolm.interference import update_subspaces
-from evolm.jsonfiles import write_atomic, write_json
+from evolm.jsonfiles import append_jsonl, write_atomic, write_json
 from evolm.config import ExperimentConfig
 from evolm.errors import RunDirError
 from evolm.evaluation import GenerationEvaluator
@@ -202,7 +202,9 @@ class ContinualRun:
 
         curve, state.base.model = score_merges(state.base.model, candidates, cfg.merge.strengths, measure,
                                                self.objectives, rule if "retention" in blocks else {"rule": "min_first"},
-                                               state.evolution.fitness_class, say)
+                                               state.evolution.fitness_class, say,
+                                               lambda p: append_jsonl(self.run_dir / "merge_curve.jsonl",
+                                                                      {"stage": k} | p.to_json()))
         chosen = next(p for p in curve if p.chosen)
         kept = [(g, source_of(g, ledger)) for g in winners.ranked[: 1 + cfg.checkpoint.keep_adapters]]
         adapters = export_stage_adapters(self.run_dir, k, [  # a runner-up whose file is gone is skipped

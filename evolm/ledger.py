@@ -90,9 +90,11 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def repair_logs(run_dir: Path, state: dict | None) -> None:
-    """Drop torn lines (a kill mid-write) and generation records newer than the checkpoint."""
+    """Drop torn lines (a kill mid-write), and generation records and merge-strength points newer than
+    the checkpoint (a merge interrupted before its checkpoint is scored again)."""
     last = (0, -1) if state is None else (state["stage"], 10**9 if state["stage_done"] else state["generation"])
     for name, keep in (("generations.jsonl", lambda r: (r["stage"], r["generation"]) <= last),
+                       ("merge_curve.jsonl", lambda r: (r["stage"], 10**9) <= last),
                        ("evaluations.jsonl", lambda r: True), ("rungs.jsonl", lambda r: True)):
         path = Path(run_dir) / name
         if path.exists():

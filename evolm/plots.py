@@ -41,7 +41,8 @@ def plot_run(run: RunRecords | str | Path) -> dict[str, Plot]:
     out = run.path / "plots"
     out.mkdir(exist_ok=True)
     plots = {"fitness": plot_fitness(run, out), "genes": plot_genes(run, out),
-             "loss_matrix": plot_loss_matrix(run, out), "importance": plot_importance(run, out)}
+             "loss_matrix": plot_loss_matrix(run, out), "importance": plot_importance(run, out),
+             "merge_strength": plot_merge_strength(run, out)}
     for stage in run.finished_stages():
         plots[f"lineage_stage{stage}"] = plot_lineage(run, stage, out)
         plots[f"pareto_stage{stage}"] = plot_pareto(run, stage, out)
@@ -299,3 +300,35 @@ def plot_importance(run: RunRecords, out: Path) -> Plot | None:
     fig.suptitle(f"{run.name}: gene importance", fontsize=10)
     fig.tight_layout()
     return Plot(_save(fig, out / "importance.png"), shares)
+
+
+def plot_merge_strength(run: RunRecords, out: Path) -> Plot | None:
+    """Each stage's merge-strength curve: this stage's val_loss against retention_loss (or against the
+    strength, where nothing earlier is retained), one line per merge method; the choice starred."""
+    curves = {s.stage: s.merge_curve for s in run.summaries if len(s.merge_curve or []) > 1}
+    if not curves:
+        return None
+    names = run.stage_names()
+    fig = Figure(figsize=(4.2 * len(curves) + 0.5, 4))
+    for n, (stage, points) in enumerate(curves.items()):
+        ax = fig.add_subplot(1, len(curves), n + 1)
+        retained = all(p.get("retention_loss") is not None for p in points)
+        for method in dict.fromkeys(p["method"] for p in points):
+            line = sorted((p for p in points if p["method"] == method), key=lambda p: p["strength"])
+            xs = [p["val_loss"] for p in line]
+            ys = [p["retention_loss"] if retained else p["strength"] for p in line]
+            ax.plot(xs, ys, marker="o", ms=4, label=method)
+            for p, x, y in zip(line, xs, ys):
+                ax.annotate(f"{p['strength']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for p in points:
+            y = p["retention_loss"] if retained else p["strength"]
+            if p.get("chosen"):
+                ax.scatter([p["val_loss"]], [y], marker="*", s=180, color="tab:red", zorder=3, label="chosen")
+        ax.set_xlabel(f"val_loss on '{names.get(stage, stage)}'", fontsize=8)
+        ax.set_ylabel("retention_loss (earlier domains)" if retained else "strength", fontsize=8)
+        ax.set_title(f"stage {stage}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{run.name}: merge strength (labels: s in base + s·(merged − base))", fontsize=10)
+    fig.tight_layout()
+    return Plot(_save(fig, out / "merge_strength.png"), curves)

@@ -40,7 +40,9 @@ def run_status(run_dir: Path) -> dict:
             "steps_trained": sum(e.steps or 0 for e in evaluated),
             "halted": sum(1 for e in evaluated if e.halted),
             "elapsed_seconds": elapsed, "estimated_seconds_left": left,
-            "checkpoint": checkpoint.tag, "warnings": checkpoint.warnings, "metrics": run.metrics}
+            "checkpoint": checkpoint.tag, "warnings": checkpoint.warnings, "metrics": run.metrics,
+            "merges": [{"stage": m.stage, "name": m.name, "method": m.merge_method, "strength": m.merge_strength,
+                        "points": len(m.merge_curve or [])} for m in run.summaries]}
 
 
 def format_status(s: dict) -> str:
@@ -59,6 +61,9 @@ def format_status(s: dict) -> str:
              f"checkpoint {s['checkpoint'] or 'none yet'}"]
     for name, loss in s["best_val_loss"].items():
         lines.append(f"best       {name}: val_loss {loss:.4f}")
+    for m in s["merges"]:
+        lines.append(f"merged     stage {m['stage']} {m['name']}: {m['method']} at strength {m['strength']}"
+                     f" (of {m['points']} points scored)")
     m = s["metrics"]
     if m:
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731

@@ -57,9 +57,10 @@ def set_strength(model, changed: dict, strength: float) -> None:
 
 
 def score_merges(base_model, candidates: list[tuple[str, object]], strengths: list[float], measure,
-                 objectives: list[str], rule: dict, fitness_class, say) -> tuple[list[MergePoint], object]:
-    """Every (method, strength) point scored by ``measure(model) -> {objective: value}``; returns the
-    points (Pareto set and choice marked) and the chosen model."""
+                 objectives: list[str], rule: dict, fitness_class, say,
+                 on_point=lambda point: None) -> tuple[list[MergePoint], object]:
+    """Every (method, strength) point scored by ``measure(model) -> {objective: value}`` and handed to
+    ``on_point`` as it is scored; returns the points (Pareto set and choice marked) and the chosen model."""
     points, changes = [], []
     for method, model in candidates:
         changed = changed_parameters(base_model, model)
@@ -68,6 +69,7 @@ def score_merges(base_model, candidates: list[tuple[str, object]], strengths: li
             set_strength(model, changed, s)
             values = measure(model)
             points.append(MergePoint(method, float(s), values["val_loss"], values.get("retention_loss")))
+            on_point(points[-1])
     best = _choose(points, objectives, rule, fitness_class)
     for i in _pareto_indices(points):
         points[i].pareto = True

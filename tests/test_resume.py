@@ -21,6 +21,7 @@ def experiment(corpora, tmp_path):
     raw = tiny_experiment(corpora, tmp_path / "results")
     raw["search"]["generations"] = 2
     raw["search"]["space"]["max_steps"] = {"type": "int", "low": 15, "high": 30}  # slow enough to hit mid-generation
+    raw["merge"] = {"strengths": [i / 10 for i in range(1, 11)]}  # a scoring long enough to be killed in
     return write_experiment(tmp_path / "exp.yaml", raw)
 
 
@@ -78,6 +79,7 @@ KILL_POINTS = {
     "between generations": lambda d: (d / "checkpoints" / "s001-g0000.json").exists(),
     "mid generation": lambda d: len(lines(d / "evaluations.jsonl", stage=1, generation=1)) >= 1,
     "during a merge": lambda d: len(lines(d / "generations.jsonl", stage=1, generation=2)) >= 1,
+    "during the merge-strength scoring": lambda d: len(lines(d / "merge_curve.jsonl", stage=1)) >= 1,
 }
 
 
@@ -90,6 +92,8 @@ def test_sigkill_then_resume_is_exact(reference, point, corpora, tmp_path):
     assert kill_when(["run", exp_here, "--name", "killed", "--no-ray"], lambda: KILL_POINTS[point](run_dir)), \
         "the run ended before the kill point"
     assert not (run_dir / "summary.json").exists()
+    if point == "during the merge-strength scoring":
+        assert len(lines(run_dir / "merge_curve.jsonl", stage=1)) < 10  # killed before the last point
     resumed = run_to_end("resume", run_dir, "--no-ray")
     assert "resuming" in resumed.stdout
     got = outcome(run_dir)
@@ -100,6 +104,8 @@ def test_sigkill_then_resume_is_exact(reference, point, corpora, tmp_path):
     assert max(trained.values()) == 1, "a finished evaluation was run twice"
     gens = [(g["stage"], g["generation"]) for g in read_jsonl(run_dir / "generations.jsonl")]
     assert gens == sorted(set(gens)) and len(gens) == 6
+    curve = [(p["stage"], p["strength"]) for p in read_jsonl(run_dir / "merge_curve.jsonl")]
+    assert curve == sorted(set(curve)) and len(curve) == 20  # points of an interrupted scoring not repeated
 
 
 def test_truncated_checkpoint_falls_back_with_a_warning(reference, corpora, tmp_path):
