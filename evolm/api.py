@@ -73,7 +73,7 @@ def resume_config(run_dir: str | Path, experiment=None) -> ExperimentConfig:
     saved = parse_config(open_run_dir(Path(run_dir)), source=str(Path(run_dir) / "experiment.json"))
     if experiment is None:
         return saved
-    new = as_config(experiment)
+    new = as_config(experiment).keep_search_of(saved)
     # the parsed config, not the raw file: fields added to evolm since the run began take their defaults
     refused = resume_differences(saved.model_dump(mode="json"), new.model_dump(mode="json"))
     if refused:

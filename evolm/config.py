@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from evolm.configsection import Section, one_of
 from evolm.rayconfig import RayConfig
@@ -382,6 +382,18 @@ class ExperimentConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    _defaulted: set = PrivateAttr(default_factory=set)
+    """search.objectives / search.winner.rule when filled in by the defaults, not written by the user."""
+
+    def keep_search_of(self, run: "ExperimentConfig") -> "ExperimentConfig":
+        """This config with ``run``'s objectives and winner rule where this one only took the defaults:
+        stages appended to a run keep the search it began with."""
+        search = self.search.model_copy(deep=True)
+        if "objectives" in self._defaulted:
+            search.objectives = list(run.search.objectives)
+        if "rule" in self._defaulted:
+            search.winner.rule = run.search.winner.rule
+        return self.model_copy(update={"search": search})
 
     @model_validator(mode="after")
     def _unique_stage_names(self):
@@ -402,9 +414,11 @@ class ExperimentConfig(Section):
         search, earlier = self.search, len(self.stages) > 1 or self.model.own_domain is not None
         if "objectives" not in search.model_fields_set:
             search.objectives = ["val_loss", "retention_loss"] if earlier else ["val_loss"]
+            self._defaulted.add("objectives")
         if "rule" not in search.winner.model_fields_set:
             search.winner.rule = ("min_val_loss_within_forgetting" if "retention_loss" in search.objectives
                                   else "min_first")
+            self._defaulted.add("rule")
         if not earlier and "retention_loss" in search.objectives:
             raise ValueError("search.objectives: retention_loss needs an earlier domain to retain, and this "
                              "experiment has one stage and no base domain; add model.domain (data that stands "

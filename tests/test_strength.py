@@ -182,3 +182,21 @@ def test_merge_scale_gene_scales_the_kept_adapter():
         expected = 0.5 * v if "lora_B" in k else v
         assert np.allclose(half["adapter"][k], expected, atol=1e-6), k
     assert half["objectives"]["val_loss"] != full["objectives"]["val_loss"]  # measured at the scale kept
+
+
+def test_stages_appended_to_a_single_stage_run_keep_its_search(corpora, tmp_path):
+    from evolm.api import resume_config
+
+    one = tiny_experiment(corpora, tmp_path)
+    one["stages"] = one["stages"][:1]
+    del one["model"]["pretrain"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "experiment.json").write_text(json.dumps(parse_config(one).model_dump(mode="json")))
+    two = dict(one, stages=tiny_experiment(corpora, tmp_path)["stages"])
+    extended = resume_config(run_dir, two)
+    assert [s.name for s in extended.stages] == ["code", "qa"]
+    assert extended.search.objectives == ["val_loss"] and extended.search.winner.rule == "min_first"
+    chosen = dict(two, search=dict(two["search"], objectives=["val_loss", "retention_loss"]))
+    with pytest.raises(Exception, match="search.objectives"):  # a search the user changed is still refused
+        resume_config(run_dir, chosen)
