@@ -15,6 +15,9 @@ every trained adapter running the same ``--steps`` (the joint adapter: steps x s
   joint          one adapter trained on every domain's data mixed (the base's own included), searched
                  by evolm on val_loss (the upper bound; not continual)
 
+A stream's pretrained base is built once (<out>/<stream>/base) and loaded by every method and seed,
+its pretraining data declared as the base's own domain (``model.domain``); seeds vary the searches.
+
 Usage:
   python benchmarks/continual.py --experiments experiments/quickstart.yaml experiments/system-stream.yaml \
       --seeds 0 1 [--steps 40 --population 4 --generations 1 --methods ...]
@@ -49,7 +52,8 @@ from evolm.data import read_documents  # noqa: E402
 from evolm.executor import EvalRequest, LocalExecutor, RayExecutor, StagePayload  # noqa: E402
 from evolm.genome import evaluation_seed, hyperparameters  # noqa: E402
 from evolm.merge import merge_best  # noqa: E402
-from evolm.models import ModelPayload, family_and_layers, linear_layer_names  # noqa: E402
+from evolm.config import DataSource  # noqa: E402
+from evolm.models import ModelPayload, family_and_layers, linear_layer_names, save_model  # noqa: E402
 from evolm.searchspace import resolve_space, training_defaults  # noqa: E402
 from search import from_optuna, optuna_distributions  # noqa: E402
 
@@ -71,7 +75,7 @@ def method_config(stream: dict, method: str, seed: int, args, out: Path) -> dict
         raw["merge"] = dict(raw.get("merge", {}), strengths=[1.0])
         space["replay_ratio"] = None
     if method == "naive":
-        attention = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}[raw["model"]["build"]["family"]]
+        attention = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}[args.family]
         space.update(r=fixed(8), lora_alpha=fixed(16), lora_dropout=fixed(0.05), target_modules=fixed(attention),
                      layers=None, learning_rate=fixed(2e-4), weight_decay=fixed(0.0), warmup_ratio=fixed(0.0))
         search.update(population_size=2, generations=0)  # every genome is the same: one fine-tune
@@ -226,6 +230,23 @@ def format_stream(name: str, columns: list[str], results: dict, report: dict) ->
     return "\n".join(lines)
 
 
+def shared_base(stream: dict, out: Path, args) -> dict:
+    """The stream with its pretrained base built once and loaded by every method and seed: the
+    pretraining data stays the base's own domain (``model.domain``), so nothing else changes."""
+    pretrain = stream["model"].get("pretrain")
+    if not pretrain:
+        return stream
+    base_dir = out / "base"
+    if not (base_dir / "config.json").exists():
+        config = parse_config(stream)
+        base = prepare_base(config)
+        save_model(base.model, base.tokenizer, base_dir)
+    domain_fields = set(DataSource.model_fields) | {"name"}
+    model = {"name_or_path": str(base_dir.resolve()), "dtype": stream["model"]["dtype"],
+             "domain": {k: v for k, v in pretrain.items() if k in domain_fields}}
+    return dict(stream, model=model)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", type=Path, nargs="+",
@@ -244,8 +265,10 @@ def main(argv=None) -> int:
         raw = yaml.safe_load(path.read_text())
         config = parse_config(raw, base_dir=path.parent)
         stream = json.loads(json.dumps(config.model_dump(mode="json")))
-        if args.pretrain_steps is not None and stream["model"].get("pretrain"):
+        if args.pretrain_steps is not None and stream["model"].get("pretrain"):  # before the base is built
             stream["model"]["pretrain"]["max_steps"] = args.pretrain_steps
+        args.family = config.model.build.family if config.model.build else "llama"
+        stream = shared_base(stream, args.out / config.name, args)
         n_base = 1 if config.model.own_domain else 0
         columns = ([config.model.own_domain.name] if n_base else []) + [s.name for s in config.stages]
         results = {}
