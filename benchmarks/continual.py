@@ -258,6 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--generations", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--pretrain-steps", type=int, help="override model.pretrain.max_steps (a quick check)")
+    parser.add_argument("--reuse", type=Path, help="a continual.json whose runs of the methods not given "
+                        "in --methods are taken as they are (rerun only what changed)")
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args(argv)
     everything, texts = {}, []
@@ -272,6 +274,9 @@ def main(argv=None) -> int:
         n_base = 1 if config.model.own_domain else 0
         columns = ([config.model.own_domain.name] if n_base else []) + [s.name for s in config.stages]
         results = {}
+        if args.reuse:
+            earlier = json.loads(args.reuse.read_text())["streams"].get(config.name, {}).get("results", {})
+            results = {m: runs for m, runs in earlier.items() if m not in args.methods}
         for method in args.methods:
             for seed in args.seeds:
                 out = args.out / config.name / f"seed-{seed}"
@@ -280,6 +285,7 @@ def main(argv=None) -> int:
                 results.setdefault(method, []).append(r)
                 print(f"{config.name} seed {seed} {method}: average final {r['average_final_loss']:.3f}"
                       f" forgetting {r.get('mean_forgetting', float('nan')):.3f} in {r['seconds']:.0f}s", flush=True)
+        results = {m: results[m] for m in METHODS if m in results}
         report = targets(results)
         everything[config.name] = {"columns": columns, "results": results, "report": report}
         texts.append(format_stream(config.name, columns, results, report))

@@ -200,13 +200,14 @@ class ContinualRun:
             return {"val_loss": state.eval_loss(model, blocks["validation"]),
                     "retention_loss": state.eval_loss(model, blocks["retention"]) if "retention" in blocks else None}
 
-        curve, state.base.model = score_merges(state.base.model, candidates, cfg.merge.strengths, measure,
+        curve, chosen = score_merges(state.base.model, candidates, cfg.merge.strengths, measure,
                                                self.objectives, rule if "retention" in blocks else {"rule": "min_first"},
                                                state.evolution.fitness_class, say,
                                                lambda p: append_jsonl(self.run_dir / "merge_curve.jsonl",
                                                                       {"stage": k} | p.to_json()))
-        chosen = next(p for p in curve if p.chosen)
-        kept = [(g, source_of(g, ledger)) for g in winners.ranked[: 1 + cfg.checkpoint.keep_adapters]]
+        state.base.model, point = chosen.model, next(p for p in curve if p.chosen)
+        ranked = chosen.genomes[:1] + [g for g in winners.ranked if g is not chosen.genomes[0]]
+        kept = [(g, source_of(g, ledger)) for g in ranked[: 1 + cfg.checkpoint.keep_adapters]]
         adapters = export_stage_adapters(self.run_dir, k, [  # a runner-up whose file is gone is skipped
             (src, hyperparameters(g.values, state.training), ledger.load_adapter(src),
              dict(zip(self.objectives, g.fitness.values))) for g, src in kept if ledger.adapter_path(src).exists()])
@@ -214,14 +215,14 @@ class ContinualRun:
         write_samples(self.run_dir, state.base.model, state.base.tokenizer, cfg, k, domain.name)
         state.loss_matrix = state.loss_matrix[:k] + [state.test_row(state.base.model)]
         write_loss_matrix(self.run_dir, cfg, state)
-        col, winner = state.base.n_base_domains + k - 1, winners.genomes[0]
-        merged = [source_of(g, ledger) for g in winners.genomes]
+        col, winner = state.base.n_base_domains + k - 1, chosen.genomes[0]
+        merged = [source_of(g, ledger) for g in chosen.genomes]
         objectives = dict(zip(self.objectives, winner.fitness.values))
         summary = StageSummary(stage=k, name=domain.name, start_loss=state.loss_matrix[k - 1][col],
                                end_loss=state.loss_matrix[k][col],
                                winner=winner.to_json() | {"result_of": merged[0]},
                                winner_objectives=objectives, winner_val_loss=objectives.get("val_loss"),
-                               merge_method=chosen.method, merge_strength=chosen.strength,
+                               merge_method=point.method, merge_strength=point.strength,
                                merge_curve=[p.to_json() for p in curve], merged=merged, evaluations=ledger.trained,
                                steps=ledger.steps_before(), hall_of_fame=[g.id for g in hof], adapters=adapters,
                                seconds=time.perf_counter() - start)

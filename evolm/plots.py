@@ -313,11 +313,14 @@ def plot_merge_strength(run: RunRecords, out: Path) -> Plot | None:
     for n, (stage, points) in enumerate(curves.items()):
         ax = fig.add_subplot(1, len(curves), n + 1)
         retained = all(p.get("retention_loss") is not None for p in points)
-        for method in dict.fromkeys(p["method"] for p in points):
-            line = sorted((p for p in points if p["method"] == method), key=lambda p: p["strength"])
+        def label(p):
+            return " ".join([p["method"]] + list(p.get("genomes") or [])[:1])
+
+        for name in dict.fromkeys(label(p) for p in points):
+            line = sorted((p for p in points if label(p) == name), key=lambda p: p["strength"])
             xs = [p["val_loss"] for p in line]
             ys = [p["retention_loss"] if retained else p["strength"] for p in line]
-            ax.plot(xs, ys, marker="o", ms=4, label=method)
+            ax.plot(xs, ys, marker="o", ms=4, label=name)
             for p, x, y in zip(line, xs, ys):
                 ax.annotate(f"{p['strength']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for p in points:

@@ -25,6 +25,8 @@ from evolm.genome import Genome
 @dataclass
 class MergePoint:
     method: str
+    genomes: list[str]
+    """Ids of the genomes merged, the lead first."""
     strength: float
     val_loss: float
     retention_loss: float | None
@@ -56,33 +58,33 @@ def set_strength(model, changed: dict, strength: float) -> None:
             params[name].copy_((w + strength * delta).to(params[name].dtype))
 
 
-def score_merges(base_model, candidates: list[tuple[str, object]], strengths: list[float], measure,
-                 objectives: list[str], rule: dict, fitness_class, say,
-                 on_point=lambda point: None) -> tuple[list[MergePoint], object]:
-    """Every (method, strength) point scored by ``measure(model) -> {objective: value}`` and handed to
-    ``on_point`` as it is scored; returns the points (Pareto set and choice marked) and the chosen model."""
-    points, changes = [], []
-    for method, model in candidates:
-        changed = changed_parameters(base_model, model)
-        changes.append(changed)
+def score_merges(base_model, candidates: list, strengths: list[float], measure, objectives: list[str], rule: dict,
+                 fitness_class, say, on_point=lambda point: None) -> tuple[list[MergePoint], object]:
+    """Every (candidate, strength) point scored by ``measure(model) -> {objective: value}`` and handed
+    to ``on_point`` as it is scored. ``candidates``: ``evolm.winners.MergeCandidate`` (method, genomes,
+    model). Returns the points (Pareto set and choice marked) and the chosen candidate, its model set
+    to the chosen strength."""
+    points, owner, changes = [], [], []
+    for n, c in enumerate(candidates):
+        changes.append(changed_parameters(base_model, c.model))
         for s in strengths:
-            set_strength(model, changed, s)
-            values = measure(model)
-            points.append(MergePoint(method, float(s), values["val_loss"], values.get("retention_loss")))
+            set_strength(c.model, changes[n], s)
+            values = measure(c.model)
+            points.append(MergePoint(c.method, [g.id for g in c.genomes], float(s), values["val_loss"],
+                                     values.get("retention_loss")))
+            owner.append(n)
             on_point(points[-1])
     best = _choose(points, objectives, rule, fitness_class)
     for i in _pareto_indices(points):
         points[i].pareto = True
     points[best].chosen = True
-    chosen = points[best]
-    index = [m for m, _ in candidates].index(chosen.method)
-    model = candidates[index][1]
-    set_strength(model, changes[index], chosen.strength)
+    chosen, candidate = points[best], candidates[owner[best]]
+    set_strength(candidate.model, changes[owner[best]], chosen.strength)
     if len(points) > 1:
-        say(f"merge: {chosen.method} at strength {chosen.strength:g} chosen among {len(points)} points "
-            f"(val_loss {chosen.val_loss:.4f}" + (f", retention_loss {chosen.retention_loss:.4f})"
-                                                  if chosen.retention_loss is not None else ")"))
-    return points, model
+        say(f"merge: {chosen.method} of {'+'.join(chosen.genomes)} at strength {chosen.strength:g} chosen among "
+            f"{len(points)} points (val_loss {chosen.val_loss:.4f}"
+            + (f", retention_loss {chosen.retention_loss:.4f})" if chosen.retention_loss is not None else ")"))
+    return points, candidate
 
 
 def _choose(points: list[MergePoint], objectives: list[str], rule: dict, fitness_class) -> int:

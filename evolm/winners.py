@@ -53,16 +53,31 @@ def choose_winners(hof, objectives: list[str], rule: dict, merge: MergeConfig, l
     return Winners(ranked, count, weights)
 
 
+@dataclass
+class MergeCandidate:
+    method: str
+    genomes: list[Genome]
+    """The genomes merged, the lead first."""
+    model: object
+
+
 def merge_candidates(base_model, winners: Winners, ledger: StageLedger, training: dict, merge: MergeConfig,
-                     seed: int) -> list[tuple[str, object]]:
-    """(method, merged model) for ``merge.method``, or for every registered strategy with ``auto``."""
-    adapters = [(hyperparameters(g.values, training), ledger.load_adapter(source_of(g, ledger)))
-                for g in winners.genomes]
+                     seed: int) -> list[MergeCandidate]:
+    """The winners merged by ``merge.method`` (by every registered strategy with ``auto``), then each
+    of the next ``merge.candidates − 1`` genomes by the winner rule alone (``best``)."""
+    def adapter(g: Genome):
+        return hyperparameters(g.values, training), ledger.load_adapter(source_of(g, ledger))
+
+    adapters = [adapter(g) for g in winners.genomes]
     methods = list(MERGE_STRATEGIES.names()) if merge.method == "auto" else [merge.method]
     candidates = []
     for m in methods:
         try:
-            candidates.append((m, merge_winners(base_model, adapters, m, winners.weights, merge.density, seed)))
+            model = merge_winners(base_model, adapters, m, winners.weights, merge.density, seed)
         except ValueError as exc:  # the run is resumable: the stage's evaluations are in the ledger
             raise EvolmError(f"merge.method {m}: {exc}; choose another merge.method and resume the run") from None
+        candidates.append(MergeCandidate(m, winners.genomes, model))
+    others = [g for g in winners.ranked if g not in winners.genomes and ledger.adapter_path(source_of(g, ledger)).exists()]
+    for g in others[: merge.candidates - 1]:
+        candidates.append(MergeCandidate("best", [g], merge_winners(base_model, [adapter(g)], "best")))
     return candidates

@@ -18,6 +18,7 @@ from evolm.models import build_model
 from evolm.status import format_status, run_status
 from evolm.strength import interpolate, score_merges
 from evolm.train import adapter_on, evaluate_genome
+from evolm.winners import MergeCandidate
 from tests.conftest import ROOT, tiny_experiment, write_experiment
 
 
@@ -83,14 +84,15 @@ def test_strength_points_pareto_and_choice(tmp_path):
     seen = []
     evo = Evolution({}, parse_config_search(), 0, 2)
     rule = {"rule": "min_val_loss_within_forgetting", "max_forgetting": 1e9, "base_retention": 0.0}
-    points, model = score_merges(base, [("best", merged)], [0.25, 0.5, 1.0], measure, ["val_loss", "retention_loss"],
-                                 rule, evo.fitness_class, lambda _: None, seen.append)
+    points, _ = score_merges(base, [MergeCandidate("best", [], merged)], [0.25, 0.5, 1.0], measure,
+                             ["val_loss", "retention_loss"], rule, evo.fitness_class, lambda _: None, seen.append)
     assert [p.strength for p in points] == [0.25, 0.5, 1.0] and len(seen) == 3
     assert all(p.pareto for p in points)  # every strength trades one objective for the other
     assert [p.chosen for p in points] == [False, False, True]  # no budget: the best learner
     tight = dict(rule, max_forgetting=(points[1].retention_loss - rule["base_retention"]) + 1e-6)
-    points, model = score_merges(base, [("best", merged)], [0.25, 0.5, 1.0], measure, ["val_loss", "retention_loss"],
-                                 tight, evo.fitness_class, lambda _: None)
+    points, chosen = score_merges(base, [MergeCandidate("best", [], merged)], [0.25, 0.5, 1.0], measure,
+                                  ["val_loss", "retention_loss"], tight, evo.fitness_class, lambda _: None)
+    model = chosen.model
     chosen = next(p for p in points if p.chosen)
     assert chosen.strength == 0.5
     for (name, p), q in zip(model.named_parameters(), target.parameters()):
@@ -111,7 +113,8 @@ def domain_run(corpora, tmp_path_factory):
     raw = tiny_experiment(corpora, tmp)
     raw["model"]["domain"] = {"name": "prose", "train": str(corpora / "general.txt")}
     del raw["model"]["pretrain"]
-    raw["merge"] = {"strengths": [0.5, 1.0]}
+    raw["merge"] = {"strengths": [0.5, 1.0], "candidates": 2}
+    raw["search"]["objectives"] = ["val_loss"]  # a hall of fame of several genomes: a runner-up to try
     ContinualRun(parse_config(raw), tmp / "run", lambda: LocalExecutor()).run()
     return tmp / "run"
 
@@ -124,12 +127,15 @@ def test_a_declared_base_domain_is_retained_and_measured(domain_run):
     assert all(e["objectives"]["retention_loss"] > 0 for e in evals if e["status"] == "ok")
     summary = json.loads((domain_run / "summary.json").read_text())["stages"]
     curve = read_jsonl(domain_run / "merge_curve.jsonl")
-    for s in summary:
-        assert len(s["merge_curve"]) == 2 and sum(p["chosen"] for p in s["merge_curve"]) == 1
-        assert s["merge_strength"] == next(p["strength"] for p in s["merge_curve"] if p["chosen"])
-        assert all(p["retention_loss"] is not None for p in s["merge_curve"])
-        assert [(p["stage"], p["strength"]) for p in curve if p["stage"] == s["stage"]] == \
-            [(s["stage"], 0.5), (s["stage"], 1.0)]
+    for s in summary:  # two candidates (the winner, the runner-up) at two strengths
+        points = s["merge_curve"]
+        assert len(points) == 4 and sum(p["chosen"] for p in points) == 1
+        assert len({p["genomes"][0] for p in points}) == 2
+        chosen = next(p for p in points if p["chosen"])
+        assert s["merge_strength"] == chosen["strength"] and s["winner"]["id"] == chosen["genomes"][0]
+        assert all(p["retention_loss"] is not None for p in points)
+        assert [p["strength"] for p in curve if p["stage"] == s["stage"]] == [0.5, 1.0, 0.5, 1.0]
+        assert (domain_run / "adapters" / f"stage-{s['stage']}" / f"{s['merged'][0]}.safetensors").exists()
     text = format_status(run_status(domain_run))
     assert "merged     stage 1 code: best at strength" in text
 
