@@ -45,7 +45,7 @@ from evolm.searchspace import resolve_space, training_defaults
 from evolm.runstate import (RunState, check_data_unchanged, checkpoint_state, fill_replay, genome_from_state,
                             restore_search, write_loss_matrix, write_run_info)
 from evolm.stage import GenerationStep, StageHooks, StepBudget, evolve_stage
-from evolm.strength import score_merges
+from evolm.strength import forgetting_of, score_merges
 from evolm.winners import choose_winners, merge_candidates, source_of
 
 __all__ = ["ContinualRun", "Reporter"]
@@ -196,9 +196,12 @@ class ContinualRun:
         winners = choose_winners(hof, self.objectives, rule, cfg.merge, ledger, domain.name, say)
         candidates = merge_candidates(state.base.model, winners, ledger, state.training, cfg.merge, cfg.seed + k)
 
+        parts = state.retention_parts(k) if "retention" in blocks else {}
+        before = state.domain_losses(state.base.model, parts)  # the stage base on each earlier domain
+
         def measure(model) -> dict:
-            return {"val_loss": state.eval_loss(model, blocks["validation"]),
-                    "retention_loss": state.eval_loss(model, blocks["retention"]) if "retention" in blocks else None}
+            return {"val_loss": state.eval_loss(model, blocks["validation"])} | forgetting_of(
+                state.domain_losses(model, parts), before, {n: len(b) for n, b in parts.items()})
 
         curve, chosen = score_merges(state.base.model, candidates, cfg.merge.strengths, measure,
                                                self.objectives, rule if "retention" in blocks else {"rule": "min_first"},

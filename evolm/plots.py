@@ -303,7 +303,7 @@ def plot_importance(run: RunRecords, out: Path) -> Plot | None:
 
 
 def plot_merge_strength(run: RunRecords, out: Path) -> Plot | None:
-    """Each stage's merge-strength curve: this stage's val_loss against retention_loss (or against the
+    """Each stage's merge-strength curve: this stage's val_loss against forgetting of earlier domains (or the
     strength, where nothing earlier is retained), one line per merge method; the choice starred."""
     curves = {s.stage: s.merge_curve for s in run.summaries if len(s.merge_curve or []) > 1}
     if not curves:
@@ -312,23 +312,23 @@ def plot_merge_strength(run: RunRecords, out: Path) -> Plot | None:
     fig = Figure(figsize=(4.2 * len(curves) + 0.5, 4))
     for n, (stage, points) in enumerate(curves.items()):
         ax = fig.add_subplot(1, len(curves), n + 1)
-        retained = all(p.get("retention_loss") is not None for p in points)
+        retained = all(p.get("forgetting") is not None for p in points)
         def label(p):
             return " ".join([p["method"]] + list(p.get("genomes") or [])[:1])
 
         for name in dict.fromkeys(label(p) for p in points):
             line = sorted((p for p in points if label(p) == name), key=lambda p: p["strength"])
             xs = [p["val_loss"] for p in line]
-            ys = [p["retention_loss"] if retained else p["strength"] for p in line]
+            ys = [p["forgetting"] if retained else p["strength"] for p in line]
             ax.plot(xs, ys, marker="o", ms=4, label=name)
             for p, x, y in zip(line, xs, ys):
                 ax.annotate(f"{p['strength']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for p in points:
-            y = p["retention_loss"] if retained else p["strength"]
+            y = p["forgetting"] if retained else p["strength"]
             if p.get("chosen"):
                 ax.scatter([p["val_loss"]], [y], marker="*", s=180, color="tab:red", zorder=3, label="chosen")
         ax.set_xlabel(f"val_loss on '{names.get(stage, stage)}'", fontsize=8)
-        ax.set_ylabel("retention_loss (earlier domains)" if retained else "strength", fontsize=8)
+        ax.set_ylabel("forgetting of earlier domains (nats)" if retained else "strength", fontsize=8)
         ax.set_title(f"stage {stage}", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)

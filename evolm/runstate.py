@@ -54,13 +54,21 @@ class RunState:
 
         return evaluate(model, blocks, self.training["eval_batch_size"], self.training["eval_max_batches"], model.device)
 
-    def retention_blocks(self, k: int) -> np.ndarray:
-        """Validation blocks of every domain before stage k, in equal shares within the evaluation cap."""
+    def retention_parts(self, k: int) -> dict[str, np.ndarray]:
+        """{domain: its validation blocks} for every domain before stage k, in equal shares within the
+        evaluation cap; concatenated they are the retention blocks."""
         earlier = self.base.domains_before(k)
         cap = self.training["eval_max_batches"]
         share = None if cap is None else max(1, cap * self.training["eval_batch_size"] // max(1, len(earlier)))
-        parts = [d.blocks["validation"][:share] for d in earlier]
+        return {d.name: d.blocks["validation"][:share] for d in earlier}
+
+    def retention_blocks(self, k: int) -> np.ndarray:
+        """Validation blocks of every domain before stage k, in equal shares within the evaluation cap."""
+        parts = list(self.retention_parts(k).values())
         return np.concatenate(parts) if parts else self.base.stage_domain(k).blocks["validation"][:0]
+
+    def domain_losses(self, model, parts: dict[str, np.ndarray]) -> dict[str, float]:
+        return {name: self.eval_loss(model, blocks) for name, blocks in parts.items()}
 
     def test_row(self, model, domains=None) -> list[float]:
         return test_losses(model, self.base.domains if domains is None else domains, self.training["eval_batch_size"])

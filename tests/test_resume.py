@@ -21,7 +21,7 @@ def experiment(corpora, tmp_path):
     raw = tiny_experiment(corpora, tmp_path / "results")
     raw["search"]["generations"] = 2
     raw["search"]["space"]["max_steps"] = {"type": "int", "low": 15, "high": 30}  # slow enough to hit mid-generation
-    raw["merge"] = {"strengths": [i / 10 for i in range(1, 11)]}  # a scoring long enough to be killed in
+    raw["merge"] = {"strengths": [i / 10 for i in range(1, 11)], "candidates": 1}  # a scoring long enough to be killed in
     return write_experiment(tmp_path / "exp.yaml", raw)
 
 

@@ -33,7 +33,7 @@ def test_defaults_keep_earlier_domains_when_there_are_some(corpora, tmp_path):
     config = parse_config(tiny_experiment(corpora, tmp_path))
     assert config.search.objectives == ["val_loss", "retention_loss"]
     assert config.search.winner.rule == "min_val_loss_within_forgetting"
-    assert config.merge.strengths == [0.25, 0.5, 0.75, 1.0]
+    assert config.merge.strengths == [0.1, 0.2, 0.3, 0.5, 0.7, 1.0] and config.merge.candidates == 3
     one = tiny_experiment(corpora, tmp_path)
     one["stages"] = one["stages"][:1]
     del one["model"]["pretrain"]
@@ -133,7 +133,8 @@ def test_a_declared_base_domain_is_retained_and_measured(domain_run):
         assert len({p["genomes"][0] for p in points}) == 2
         chosen = next(p for p in points if p["chosen"])
         assert s["merge_strength"] == chosen["strength"] and s["winner"]["id"] == chosen["genomes"][0]
-        assert all(p["retention_loss"] is not None for p in points)
+        earlier = ["prose", "code"][: s["stage"]]
+        assert all(sorted(p["domain_losses"]) == sorted(earlier) and p["forgetting"] >= 0 for p in points)
         assert [p["strength"] for p in curve if p["stage"] == s["stage"]] == [0.5, 1.0, 0.5, 1.0]
         assert (domain_run / "adapters" / f"stage-{s['stage']}" / f"{s['merged'][0]}.safetensors").exists()
     text = format_status(run_status(domain_run))
@@ -206,3 +207,12 @@ def test_stages_appended_to_a_single_stage_run_keep_its_search(corpora, tmp_path
     chosen = dict(two, search=dict(two["search"], objectives=["val_loss", "retention_loss"]))
     with pytest.raises(Exception, match="search.objectives"):  # a search the user changed is still refused
         resume_config(run_dir, chosen)
+
+
+def test_a_gain_on_one_earlier_domain_does_not_pay_for_a_loss_on_another():
+    from evolm.strength import forgetting_of
+
+    out = forgetting_of({"a": 4.0, "b": 6.0}, {"a": 5.0, "b": 5.5}, {"a": 10, "b": 30})
+    assert out["retention_loss"] == (10 * 4.0 + 30 * 6.0) / 40  # as one evaluation of the blocks gives it
+    assert out["forgetting"] == 30 * 0.5 / 40  # b's loss counts, a's gain does not offset it
+    assert forgetting_of({}, {}, {}) == {"retention_loss": None}
