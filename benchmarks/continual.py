@@ -262,7 +262,8 @@ def main(argv=None) -> int:
                         "in --methods are taken as they are (rerun only what changed)")
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args(argv)
-    everything, texts = {}, []
+    summary = args.out / "continual.json"  # streams benchmarked by earlier invocations are kept in it
+    everything, texts = json.loads(summary.read_text())["streams"] if summary.exists() else {}, []
     for path in args.experiments:
         raw = yaml.safe_load(path.read_text())
         config = parse_config(raw, base_dir=path.parent)
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
         report = targets(results)
         everything[config.name] = {"columns": columns, "results": results, "report": report}
         texts.append(format_stream(config.name, columns, results, report))
-        (args.out / "continual.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+        summary.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                              "streams": everything}, indent=2))
     print("\n\n".join(texts))
     return 0
