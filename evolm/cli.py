@@ -246,7 +246,8 @@ class ConsoleReporter(Reporter):
         busy = utilisation(self.busy, r.seconds, self.workers)
         self._line(f"stage {r.stage} {r.stage_name} gen {r.generation}: best {fmt(r.best)} "
                    f"median {fmt(r.median)} worst {fmt(r.worst)} | {r.evaluations} evals, "
-                   f"{r.failed} failed, {r.seconds:.1f}s" + ("" if busy is None else f", workers busy {100 * busy:.0f}%"))
+                   f"{r.failed} failed, {r.seconds:.1f}s" + ("" if busy is None else f", workers busy {100 * busy:.0f}%")
+                   + ("" if r.diversity is None else f", diversity {r.diversity:.2f}"))
 
     def stage_end(self, s: StageSummary) -> None:
         self._line(f"stage {s.stage} {s.name} merged {s.winner_id}: test loss "

@@ -231,6 +231,12 @@ class SearchConfig(Section):
     """The best this-many genomes always survive selection."""
     crossover_prob: float = Field(default=0.5, ge=0, le=1)
     mutation_prob: float = Field(default=0.5, ge=0, le=1)
+    immigrant_share: float = Field(default=0.15, ge=0, lt=1)
+    """Share of each generation's offspring that are random genomes (at least one when above 0),
+    whatever the variation probabilities: new material the population keeps receiving."""
+    min_diversity: float = Field(default=0.1, ge=0, le=1)
+    """Below this diversity (mean gene distance of the population, 0..1) half of the next offspring
+    are random immigrants: a burst that restarts a collapsed population."""
     space: dict[str, Gene | None] = Field(default_factory=dict)
     """Genes added to, or replacing, the default space; ``null`` removes a default gene."""
     halving: HalvingConfig = Field(default_factory=HalvingConfig)
@@ -427,6 +433,11 @@ class ExperimentConfig(Section):
                              "experiment has one stage and no base domain; add model.domain (data that stands "
                              "for what the model already knows) or drop retention_loss")
         _check_rule_objectives(search)
+        explicit = {"elitism", "tournament_size"} & search.model_fields_set
+        if len(search.objectives) > 1 and explicit:
+            raise ValueError(f"search.{sorted(explicit)[0]}: with several objectives the search is NSGA-II, which "
+                             f"keeps whole non-dominated fronts (every non-dominated genome survives) and picks "
+                             f"parents by binary crowded tournaments; remove {' and '.join(sorted(explicit))}")
         return self
 
     def hash(self) -> str:

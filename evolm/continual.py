@@ -180,7 +180,8 @@ class ContinualRun:
         hooks = StageHooks(checkpoint=lambda gen, pop: self._checkpoint(k, gen, pop, hof),
                            message=lambda text: self.reporter.message(f"stage '{domain.name}': {text}"))
         population = evolve_stage(population or evo.initial_population(k), evo,
-                                  GenerationStep(self.run_dir, k, domain.name, evaluator, hof, self.reporter),
+                                  GenerationStep(self.run_dir, k, domain.name, evaluator, hof, self.reporter,
+                                                 state.space),
                                   StepBudget(cfg.search.step_budget, ledger), hooks, k, cfg.search.generations,
                                   first_gen)
         self._merge(k, ledger, blocks, hof, base_retention, start)

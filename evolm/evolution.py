@@ -109,6 +109,20 @@ def mut_typed(values: dict, space: dict, rng: random.Random) -> tuple[dict, str]
     return child, "mut(" + ", ".join(described) + ")"
 
 
+def diversity(genomes: list[Genome], space: dict) -> float | None:
+    """Mean over pairs of distinct genomes of the mean gene distance (each in [0, 1]): 0 when every
+    genome is the same, near 1/2 for random ones. None for fewer than two genomes."""
+    pool = list({g.id: g for g in genomes}.values())
+    if len(pool) < 2 or not space:
+        return None
+    total, pairs = 0.0, 0
+    for i, a in enumerate(pool):
+        for b in pool[i + 1:]:
+            total += sum(gene.distance(a.values[n], b.values[n]) for n, gene in space.items()) / len(space)
+            pairs += 1
+    return total / pairs
+
+
 class Evolution:
     """Variation and selection for one run; ``rng`` state is part of the run's checkpoint."""
 
@@ -141,12 +155,27 @@ class Evolution:
         return [self.genome(self.random_values(), stage, 0, i, ops=["random"])
                 for i in range(self.search.population_size)]
 
+    def immigrants(self, population: list[Genome]) -> int:
+        """Offspring that are random immigrants this generation: ``immigrant_share`` of them (at least
+        one when the share is above 0), half of them when the population's diversity has collapsed
+        below ``min_diversity``."""
+        s = self.search
+        n = max(1, round(s.immigrant_share * s.offspring_size)) if s.immigrant_share > 0 else 0
+        spread = diversity(population, self.space)
+        if spread is not None and spread < s.min_diversity:
+            n = max(n, s.offspring_size // 2)
+        return min(n, s.offspring_size)
+
     def vary(self, population: list[Genome], stage: int, generation: int) -> list[Genome]:
-        """lambda offspring, each made by crossover, mutation, or (rarely) as a random immigrant."""
+        """lambda offspring: the generation's random immigrants first, then each by crossover,
+        mutation, or (when the two probabilities sum below 1) as a random immigrant too."""
         s, offspring = self.search, []
+        n_immigrants = self.immigrants(population)
         for i in range(s.offspring_size):
             roll = self.rng.random()
-            if roll < s.crossover_prob:
+            if i < n_immigrants:
+                values, parents, ops = self.random_values(), [], ["immigrant"]
+            elif roll < s.crossover_prob:
                 p1, p2 = self.toolbox.select(population, 2)
                 values, parents, ops = self.toolbox.mate(p1.values, p2.values), [p1.id, p2.id], [f"cx_uniform({p1.id}, {p2.id})"]
             elif roll < s.crossover_prob + s.mutation_prob:

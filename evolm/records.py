@@ -96,6 +96,8 @@ class GenerationRecord(_Record):
     failed: int = 0
     seconds: float = 0.0
     population: list = field(default_factory=list)
+    diversity: float | None = None
+    """Mean gene distance between the genomes considered (``evolution.diversity``): 0 = all the same."""
 
 
 @dataclass

@@ -35,6 +35,10 @@ class GeneType(BaseModel):
         """Uniform crossover at gene level: swap the two values half of the time."""
         return (b, a) if rng.random() < 0.5 else (a, b)
 
+    def distance(self, a: Any, b: Any) -> float:
+        """How far apart two values are, in [0, 1] (the population's diversity is built from it)."""
+        return 0.0 if a == b else 1.0
+
 
 class Categorical(GeneType):
     type: Literal["categorical"]
@@ -79,7 +83,7 @@ class Integer(GeneType):
         else:
             step = max(1.0, 0.2 * (self.high - self.low))
             new = round(value + rng.gauss(0.0, step))
-        new = _clip(int(new), self.low, self.high)
+        new = int(round(_reflect(new, self.low, self.high)))
         if new == value and self.low < self.high:  # an integer gene must move when mutated
             up = value < self.high and (value == self.low or rng.random() < 0.5)
             new = value + 1 if up else value - 1
@@ -87,6 +91,11 @@ class Integer(GeneType):
 
     def contains(self, value):
         return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def distance(self, a, b):
+        if self.log:
+            return _span_distance(math.log(a), math.log(b), math.log(self.low), math.log(self.high))
+        return _span_distance(a, b, self.low, self.high)
 
 
 class Uniform(GeneType):
@@ -104,11 +113,14 @@ class Uniform(GeneType):
         return rng.uniform(self.low, self.high)
 
     def mutate(self, value, rng):
-        new = _clip(value + rng.gauss(0.0, 0.2 * (self.high - self.low)), self.low, self.high)
+        new = _reflect(value + rng.gauss(0.0, 0.2 * (self.high - self.low)), self.low, self.high)
         return new, f"{value:.3g} -> {new:.3g}"
 
     def contains(self, value):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def distance(self, a, b):
+        return _span_distance(a, b, self.low, self.high)
 
 
 class LogUniform(GeneType):
@@ -126,12 +138,15 @@ class LogUniform(GeneType):
         return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
 
     def mutate(self, value, rng):
-        factor = math.exp(rng.gauss(0.0, 0.5))
-        new = _clip(value * factor, self.low, self.high)
+        log_new = _reflect(math.log(value) + rng.gauss(0.0, 0.5), math.log(self.low), math.log(self.high))
+        new = min(max(math.exp(log_new), self.low), self.high)  # exp(log(x)) may round past a bound
         return new, f"* {new / value:.3g}"
 
     def contains(self, value):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def distance(self, a, b):
+        return _span_distance(math.log(a), math.log(b), math.log(self.low), math.log(self.high))
 
 
 class Boolean(GeneType):
@@ -188,6 +203,9 @@ class LayerMask(GeneType):
         return (isinstance(value, list) and len(value) == self._n()
                 and all(isinstance(v, bool) for v in value) and any(value))
 
+    def distance(self, a, b):
+        return sum(x != y for x, y in zip(a, b)) / max(1, len(a))
+
 
 for _cls in (Categorical, Integer, Uniform, LogUniform, Boolean, LayerMask):
     GENE_TYPES.register(_cls.model_fields["type"].annotation.__args__[0], _cls)
@@ -226,6 +244,20 @@ def bind_layers(space: dict[str, Gene], n_layers: int) -> dict[str, Gene]:
 
 def _clip(x, low, high):
     return min(max(x, low), high)
+
+
+def _reflect(x: float, low: float, high: float) -> float:
+    """``x`` folded back into [low, high] at the bounds (a step past a bound comes back by the same
+    amount), so mutated values do not pile up on the bounds as clipping makes them."""
+    width = high - low
+    if width <= 0:
+        return low
+    y = (x - low) % (2 * width)
+    return low + (y if y <= width else 2 * width - y)
+
+
+def _span_distance(a: float, b: float, low: float, high: float) -> float:
+    return 0.0 if high <= low else min(1.0, abs(a - b) / (high - low))
 
 
 def _short(value: Any) -> str:

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from evolm.jsonfiles import append_jsonl
-from evolm.evolution import Evolution, fitness_summary
+from evolm.evolution import Evolution, diversity, fitness_summary
 from evolm.genome import Genome
 from evolm.ledger import StageLedger
 from evolm.records import GenerationRecord
@@ -83,6 +83,8 @@ class GenerationStep:
     """``evolm.evaluation.GenerationEvaluator``."""
     hall_of_fame: object
     reporter: object
+    space: dict | None = None
+    """The search space, for the generation's diversity."""
 
     def __call__(self, gen: int, new: list[Genome], everyone: list[Genome]) -> None:
         start = time.perf_counter()
@@ -94,6 +96,7 @@ class GenerationStep:
         record = GenerationRecord(stage=self.stage, stage_name=self.stage_name, generation=gen,
                                   **fitness_summary(everyone), evaluations=len(todo),
                                   failed=sum(1 for g in todo if not np.isfinite(g.fitness.values[0])),
-                                  seconds=time.perf_counter() - start, population=[g.id for g in everyone])
+                                  seconds=time.perf_counter() - start, population=[g.id for g in everyone],
+                                  diversity=diversity(everyone, self.space or {}))
         append_jsonl(self.run_dir / "generations.jsonl", record.to_json())
         self.reporter.generation_end(record)

@@ -35,6 +35,7 @@ def run_status(run_dir: Path) -> dict:
             "stage": last_gen.stage if last_gen else 0, "stages": run.configured_stages,
             "stage_name": last_gen.stage_name if last_gen else None,
             "generation": last_gen.generation if last_gen else None,
+            "diversity": last_gen.diversity if last_gen else None,
             "generations": search.get("generations"), "evaluations_done": done, "evaluations_planned": planned,
             "failed": sum(not e.ok for e in evaluated), "best_val_loss": best,
             "steps_trained": sum(e.steps or 0 for e in evaluated),
@@ -52,7 +53,8 @@ def format_status(s: dict) -> str:
                  else f"{done} of at most {s['evaluations_planned']} planned ({failed} failed; twins served from "
                       f"the cache, successive halving and step budgets make it fewer)")
     lines = [f"run        {s['run_dir']} ({s['state']})",
-             f"stage      {s['stage']}/{s['stages']} {s['stage_name'] or ''}  generation {gen}",
+             f"stage      {s['stage']}/{s['stages']} {s['stage_name'] or ''}  generation {gen}" + (
+                 f"  diversity {s['diversity']:.2f}" if isinstance(s.get("diversity"), (int, float)) else ""),
              f"evaluated  {evaluated}",
              f"trained    {s['steps_trained']} steps" + (
                  f" ({s['halted']} genomes stopped early by successive halving)" if s["halted"] else ""),
