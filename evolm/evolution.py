@@ -174,7 +174,7 @@ class Evolution:
         for i in range(s.offspring_size):
             roll = self.rng.random()
             if i < n_immigrants:
-                values, parents, ops = self.random_values(), [], ["immigrant"]
+                values, parents, ops = self.random_values(), [], ["random"]
             elif roll < s.crossover_prob:
                 p1, p2 = self.toolbox.select(population, 2)
                 values, parents, ops = self.toolbox.mate(p1.values, p2.values), [p1.id, p2.id], [f"cx_uniform({p1.id}, {p2.id})"]

@@ -53,7 +53,7 @@ def test_immigrants_enter_every_generation_and_burst_when_collapsed():
     varied = population(evo, [evo.random_values() for _ in range(6)])
     assert diversity(varied, space) > 0.1
     assert evo.immigrants(varied) == 1  # crossover + mutation sum to 1: still one immigrant
-    assert [g.ops for g in evo.vary(varied, 1, 1)].count(["immigrant"]) == 1
+    assert [g.ops for g in evo.vary(varied, 1, 1)].count(["random"]) == 1
     collapsed = population(evo, [{"x": 0.5, "c": "a"}] * 6)
     assert diversity(collapsed, space) == 0.0
     assert evo.immigrants(collapsed) == 3  # a burst: half of the offspring
