@@ -244,8 +244,8 @@ class SearchConfig(Section):
     """How a generation's training is spent: a registered scheduler (``evolm.registry.SCHEDULERS``:
     fifo, halving). None: halving when ``halving.rungs`` > 1, else fifo."""
     step_budget: int | None = Field(default=None, ge=1)
-    """Training steps a stage's search may spend: no generation starts once its evaluations have
-    trained this many (the running one finishes). None: ``generations`` alone decides."""
+    """Training steps a stage's search may spend: a generation trains only the offspring whose steps
+    start below it, so a stage ends within one evaluation's steps of it. None: ``generations`` decides."""
     inherit_weights: bool = True
     """A child starts from its best parent's trained adapter (resized by SVD when ranks differ)
     instead of a fresh one; only the steps it trains itself are counted. On by default: at equal

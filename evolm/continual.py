@@ -179,11 +179,11 @@ class ContinualRun:
                                         cfg.search.inherit_weights, cfg.search.scheduler)
         hooks = StageHooks(checkpoint=lambda gen, pop: self._checkpoint(k, gen, pop, hof),
                            message=lambda text: self.reporter.message(f"stage '{domain.name}': {text}"))
-        population = evolve_stage(population or evo.initial_population(k), evo,
-                                  GenerationStep(self.run_dir, k, domain.name, evaluator, hof, self.reporter,
-                                                 state.space),
-                                  StepBudget(cfg.search.step_budget, ledger), hooks, k, cfg.search.generations,
-                                  first_gen)
+        step = GenerationStep(self.run_dir, k, domain.name, evaluator, hof, self.reporter, state.space)
+        budget = StepBudget(cfg.search.step_budget, ledger,
+                            lambda g: int(hyperparameters(g.values, state.training).max_steps))
+        population = evolve_stage(population or evo.initial_population(k), evo, step, budget, hooks, k,
+                                  cfg.search.generations, first_gen)
         self._merge(k, ledger, blocks, hof, base_retention, start)
         self._checkpoint(k, None, population, hof)
         ledger.prune_adapters(keep=set(state.summaries[-1].merged))

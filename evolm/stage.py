@@ -4,7 +4,7 @@
         if the stage starts: evaluate(population)          the carried population, on the new stage
         for gen in 1..G:
             if budget.exhausted(gen): stop
-            offspring  = evolution.vary(population)
+            offspring  = budget.affordable(evolution.vary(population))   the budget's share of them
             evaluate(offspring)                           only genomes without a valid fitness
             population = evolution.select(population + offspring)
             hooks.checkpoint(gen, population)
@@ -35,6 +35,24 @@ class StepBudget:
 
     limit: int | None
     ledger: StageLedger
+    steps_of: Callable[[Genome], int] = lambda g: 0
+    """The steps a genome will train (its max_steps)."""
+
+    def affordable(self, gen: int, offspring: list[Genome]) -> list[Genome]:
+        """The offspring the budget lets train, in order, while the steps spent before each are below
+        the limit (a twin served from the cache costs nothing): the stage ends within one
+        evaluation's steps of its budget instead of finishing the whole last generation."""
+        if self.limit is None:
+            return offspring
+        spent, kept = self.ledger.steps_before(gen), []
+        for g in offspring:
+            if spent >= self.limit:
+                break
+            kept.append(g)
+            earlier = self.ledger.cache.get(g.key())  # trained in an earlier generation: served from the cache
+            if earlier is None or earlier.get("generation", gen) >= gen:  # the same decision after a resume
+                spent += self.steps_of(g)
+        return kept
 
     def exhausted(self, gen: int) -> str | None:
         """Why generation ``gen`` may not start, or None."""
@@ -64,7 +82,9 @@ def evolve_stage(population: list[Genome], evolution: Evolution, evaluate: Calla
         if why:
             hooks.message(why)
             break
-        offspring = evolution.vary(population, stage, gen)
+        offspring = budget.affordable(gen, evolution.vary(population, stage, gen))
+        if not offspring:
+            break
         evaluate(gen, offspring, population + offspring)
         population = evolution.select(population + offspring)
         hooks.checkpoint(gen, population)

@@ -5,6 +5,7 @@ it finished or crashed, and counts evaluations exactly as the report does.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -21,7 +22,10 @@ def run_status(run_dir: Path) -> dict:
     evaluated = run.evaluated()
     done = len(evaluated)
     finished = run.finished
-    # a finished run did what it did; an unfinished one at most this (caching, halving, step budgets: fewer)
+    budget, steps = search.get("step_budget"), sum(e.steps or 0 for e in evaluated)
+    if isinstance(budget, int) and budget > 0 and done and steps:  # the budget, at the steps an evaluation took so far
+        per_stage = min(per_stage, math.ceil(budget / (steps / done)) + 1)
+    # a finished run did what it did; an unfinished one at most this (caching, halving: fewer)
     planned = done if finished else max(done, per_stage * run.configured_stages)
     best: dict[str, float] = {}
     for r in run.evaluations:

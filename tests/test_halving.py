@@ -152,11 +152,20 @@ def test_step_budget_ends_the_stage_search(corpora, tmp_path):
     assert gens == {0} and summary["steps"] >= 1  # generation 0 spent the budget; no generation started after
 
 
+def test_step_budget_ends_within_one_evaluation_of_its_value(corpora, tmp_path):
+    probe = run(experiment(corpora, tmp_path, generations=0), tmp_path / "probe")[0]
+    limit = probe["steps"] + 20
+    summary = run(experiment(corpora, tmp_path, generations=6, step_budget=limit), tmp_path / "b")[0]
+    assert limit <= summary["steps"] < limit + 12  # max_steps is at most 12: less than one evaluation over
+    trained = [r for r in read_jsonl(tmp_path / "b" / "evaluations.jsonl") if not r["cached"] and r["generation"]]
+    assert len(trained) < 6 * 4  # the last generation was cut short, not finished whatever it cost
+
+
 def test_step_budget_decides_the_same_after_a_resume(corpora, tmp_path):
     """A kill mid-generation leaves part of that generation's steps in the ledger; the budget check
     before that generation must still see only the generations before it."""
     probe = run(experiment(corpora, tmp_path, generations=0), tmp_path / "probe")[0]
-    config = experiment(corpora, tmp_path, generations=3, step_budget=probe["steps"] + 1)  # room for generation 1 only
+    config = experiment(corpora, tmp_path, generations=3, step_budget=probe["steps"] + 13)  # two or three of generation 1
     run(config, tmp_path / "whole")
     trained = [r["generation"] for r in read_jsonl(tmp_path / "whole" / "evaluations.jsonl") if not r["cached"]]
     assert trained.count(1) >= 2
