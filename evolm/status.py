@@ -17,13 +17,14 @@ __all__ = ["run_status", "format_status", "open_run_dir"]
 
 def run_status(run_dir: Path) -> dict:
     run = load_run(run_dir)
-    search = run.experiment.get("search") or {}
-    per_stage = (search.get("population_size", 0) + search.get("generations", 0) * search.get("offspring_size", 0))
+    search = run.experiment.get("search")
+    search = search if isinstance(search, dict) else {}  # a damaged experiment.json still has a status
+    per_stage = _count(search, "population_size") + _count(search, "generations") * _count(search, "offspring_size")
     evaluated = run.evaluated()
     done = len(evaluated)
     finished = run.finished
-    budget, steps = search.get("step_budget"), sum(e.steps or 0 for e in evaluated)
-    if isinstance(budget, int) and budget > 0 and done and steps:  # the budget, at the steps an evaluation took so far
+    budget, steps = _count(search, "step_budget"), sum(e.steps or 0 for e in evaluated)
+    if budget and done and steps:  # the budget, at the steps an evaluation took so far
         per_stage = min(per_stage, math.ceil(budget / (steps / done)) + 1)
     # a finished run did what it did; an unfinished one at most this (caching, halving: fewer)
     planned = done if finished else max(done, per_stage * run.configured_stages)
@@ -40,7 +41,7 @@ def run_status(run_dir: Path) -> dict:
             "stage_name": last_gen.stage_name if last_gen else None,
             "generation": last_gen.generation if last_gen else None,
             "diversity": last_gen.diversity if last_gen else None,
-            "generations": search.get("generations"), "evaluations_done": done, "evaluations_planned": planned,
+            "generations": _count(search, "generations"), "evaluations_done": done, "evaluations_planned": planned,
             "failed": sum(not e.ok for e in evaluated), "best_val_loss": best,
             "steps_trained": sum(e.steps or 0 for e in evaluated),
             "halted": sum(1 for e in evaluated if e.halted),
@@ -77,6 +78,11 @@ def format_status(s: dict) -> str:
                      f"{fmt(m.get('mean_forgetting'))}, backward transfer {fmt(m.get('backward_transfer'))}")
     lines += [f"warning    {w}" for w in s["warnings"]]
     return "\n".join(lines)
+
+
+def _count(section: dict, key: str) -> int:
+    value = section.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _alive(run: RunRecords) -> bool:
