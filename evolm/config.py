@@ -312,8 +312,9 @@ class MergeConfig(Section):
     density: float = Field(default=0.5, gt=0, le=1)
     """ties / dare: share of each delta's entries kept."""
     candidates: int = Field(default=3, ge=1)
-    """Merges tried at every strength: the top_k winners merged by ``method``, then each of the next
-    candidates − 1 genomes by the winner rule alone (a runner-up may keep more at a higher strength)."""
+    """Merges tried at every strength: the top_k winners merged by ``method``, then each of the
+    candidates − 1 other genomes with the lowest first objective alone (a strong learner at a low
+    strength often keeps more than a weak one at full strength)."""
     strengths: list[float] = Field(default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0], min_length=1)
     """Merge strengths tried (each in (0, 1]): the next base is stage base + s · (merged − stage base).
     Each is scored on validation splits; the winner rule picks one (docs/design.md, "Merge strength").

@@ -63,8 +63,9 @@ class MergeCandidate:
 
 def merge_candidates(base_model, winners: Winners, ledger: StageLedger, training: dict, merge: MergeConfig,
                      seed: int) -> list[MergeCandidate]:
-    """The winners merged by ``merge.method`` (by every registered strategy with ``auto``), then each
-    of the next ``merge.candidates − 1`` genomes by the winner rule alone (``best``)."""
+    """The winners merged by ``merge.method`` (by every registered strategy with ``auto``), then the
+    ``merge.candidates − 1`` other genomes with the lowest first objective (the strongest learners,
+    which a lower strength may bring within the forgetting budget), each alone (``best``)."""
     def adapter(g: Genome):
         return hyperparameters(g.values, training), ledger.load_adapter(source_of(g, ledger))
 
@@ -77,7 +78,8 @@ def merge_candidates(base_model, winners: Winners, ledger: StageLedger, training
         except ValueError as exc:  # the run is resumable: the stage's evaluations are in the ledger
             raise EvolmError(f"merge.method {m}: {exc}; choose another merge.method and resume the run") from None
         candidates.append(MergeCandidate(m, winners.genomes, model))
-    others = [g for g in winners.ranked if g not in winners.genomes and ledger.adapter_path(source_of(g, ledger)).exists()]
+    others = sorted((g for g in winners.ranked if g not in winners.genomes
+                     and ledger.adapter_path(source_of(g, ledger)).exists()), key=lambda g: g.fitness.values[0])
     for g in others[: merge.candidates - 1]:
         candidates.append(MergeCandidate("best", [g], merge_winners(base_model, [adapter(g)], "best")))
     return candidates
