@@ -10,7 +10,10 @@ key takes its default, an unknown key is ignored. See docs/design.md, "Files of 
 """
 from __future__ import annotations
 
+import functools
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -18,8 +21,9 @@ from typing import Any
 class _Record:
     @classmethod
     def from_json(cls, d: dict):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """A missing key, or a value of the wrong type (a damaged or hand-edited file), takes the default."""
+        hints = _hints(cls)
+        return cls(**{k: v for k, v in d.items() if k in hints and _fits(v, hints[k])})
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -126,6 +130,24 @@ class StageSummary(_Record):
     @property
     def winner_id(self) -> str | None:
         return self.winner.get("id") if isinstance(self.winner, dict) else None
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value, hint) -> bool:
+    """``value`` is of type ``hint`` (``int``, ``str | None``, ``dict``...); booleans are not numbers
+    and numbers are finite."""
+    if typing.get_args(hint) and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        numeric = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+        return numeric and math.isfinite(value)
+    return isinstance(value, typing.get_origin(hint) or hint)
 
 
 def trained_evaluations(records: list[EvaluationRecord]) -> list[EvaluationRecord]:

@@ -166,7 +166,7 @@ def open_run_dir(path: str | Path) -> dict:
                           f"`evolm run` created); runs are in results/<run name>/")
     try:
         experiment = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON, nested too deep
         experiment = None
     if not isinstance(experiment, dict):
         raise RunDirError(f"{file}: unreadable (not a JSON object); the run directory is damaged")
@@ -207,8 +207,8 @@ def _read(path: Path, parse):
         return None
     try:
         return parse(path.read_text(encoding="utf-8"))
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        log.warning("%s: unreadable (%s); ignored", path, str(exc).splitlines()[0] if str(exc) else exc)
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # ValueError: not UTF-8, not JSON
+        log.warning("%s: unreadable (%s); ignored", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
 
 
