@@ -51,7 +51,7 @@ class StageLedger:
                     ledger.trained += 1
         log = ledger.run_dir / "rungs.jsonl"
         for r in read_jsonl(log):
-            if isinstance(r, dict) and r.get("stage") == k and isinstance(r.get("rung"), int):
+            if r.get("stage") == k and isinstance(r.get("generation"), int) and isinstance(r.get("rung"), int):
                 ledger.rungs[(r.get("generation"), safenames.genome_id(r.get("genome_id"), log), r["rung"])] = r
         return ledger
 

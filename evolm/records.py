@@ -172,4 +172,6 @@ def utilisation(evaluation_seconds: float, wall_seconds: float, workers: int) ->
 def read_records(cls, rows: list[Any]) -> list:
     """Typed records of JSON rows (records of ``cls`` are kept as they are); rows that are not
     objects (a damaged file) are skipped."""
+    if not isinstance(rows, list):  # a damaged file: no records
+        return []
     return [r if isinstance(r, cls) else cls.from_json(r) for r in rows if isinstance(r, (cls, dict))]
