@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from evolm.errors import RunDirError
 
+log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
 _PATIENCE = 0.5
 """Seconds to keep trying before refusing: a reader's ``in_use`` probe holds the lock for a moment."""
@@ -56,6 +58,8 @@ def in_use(run_dir: str | Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return _holder(path)
+    except OSError:  # no locks on this filesystem: nobody can be seen holding one
+        return None
     finally:
         os.close(fd)  # closing also releases a shared lock it got
     return None
@@ -81,6 +85,9 @@ def _acquire(run_dir: Path) -> int:
                 time.sleep(0.05)
                 continue
             raise _in_use_error(run_dir, _holder(path)) from None
+        except OSError as exc:  # a filesystem without locks (some network mounts): run unguarded, and say so
+            log.warning("%s: cannot lock (%s); nothing stops a second run in this directory", path, exc.strerror)
+            return fd
         if _is_current(fd, path):
             break
         os.close(fd)  # the holder we waited for removed that file when it ended: lock the new one
