@@ -52,7 +52,8 @@ def test_a_live_run_refuses_a_second_run_and_resume_and_a_killed_one_resumes(cor
     live = subprocess.Popen([sys.executable, "-m", "evolm.cli", "run", str(exp), "--name", "live", "--no-ray"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
     try:
-        assert _wait_for(lambda: (run_dir / "experiment.json").exists() and in_use(run_dir), live)
+        # run.json (pid, host: what status calls running) is written right after experiment.json
+        assert _wait_for(lambda: (run_dir / "run.json").exists() and in_use(run_dir), live)
         live.send_signal(signal.SIGSTOP)  # alive and holding the lock while we check, however slow the checks
         assert in_use(run_dir) == f"pid {live.pid} on {os.uname().nodename}"
         capsys.readouterr()
