@@ -6,7 +6,8 @@
 
 The run writes them (``to_json``); status, plots, the report, lineage, importance and tracking
 read them (``from_json``), which accepts records of older versions and damaged files: a missing
-key takes its default, an unknown key is ignored. See docs/design.md, "Files of a run directory".
+key, or a value of the wrong type, takes its default; an unknown key is ignored. See docs/design.md,
+"Files of a run directory".
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import functools
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -138,15 +139,16 @@ def _hints(cls) -> dict:
 
 
 def _fits(value, hint) -> bool:
-    """``value`` is of type ``hint`` (``int``, ``str | None``, ``dict``...); booleans are not numbers
-    and numbers are finite."""
+    """``value`` is of type ``hint`` (``int``, ``str | None``, ``dict``...); booleans are not numbers,
+    floats are finite, integers fit in 64 bits."""
     if typing.get_args(hint) and typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_fits(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint in (int, float):
-        numeric = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-        return numeric and math.isfinite(value)
+        if isinstance(value, float):
+            return hint is float and math.isfinite(value)
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
     return isinstance(value, typing.get_origin(hint) or hint)
 
 

@@ -265,7 +265,9 @@ def _valid_metrics(metrics) -> dict:
 
 
 def _finite_or_none(value) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63)
 
 
 def _last_per_key(records: list, keys: tuple[str, ...]) -> list[dict]:

@@ -32,7 +32,7 @@ from evolm.status import format_status, run_status
 from tests.conftest import ROOT
 
 CONFIGS, RUN_DIRS = 10_000, 1_000
-GARBAGE = [None, True, False, 0, -1, -(10**9), 10**30, 2**63, 0.5, -0.5, 1e308, -1e308, float("nan"), float("inf"),
+GARBAGE = [None, True, False, 0, -1, -(10**9), 10**30, 2**63, 10**400, 0.5, -0.5, 1e308, -1e308, float("nan"), float("inf"),
            float("-inf"), "", "x", "-1", "1e3", "nan", "../../etc/passwd", "/", "a\x00b", "line\nbreak", "\u2028",
            "no_such_module_zz:fn", "x" * 5000, [], [None], [1, "a", None], {}, {"x": 1}, {"type": "int"},
            {"type": "choice", "choices": []}, {"low": 5, "high": 1}, [[[[[]]]]], {"a": {"b": {"c": [None]}}},
