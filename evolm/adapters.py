@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from evolm import safenames
+
 
 def export_peft_adapter(directory: Path, hp: dict, adapter: dict[str, np.ndarray], base_dir: Path) -> None:
     """Write one adapter in PEFT's format; a kill mid-write leaves the previous export (or none)."""
@@ -43,8 +45,8 @@ def export_stage_adapters(run_dir: Path, stage: int, ranked: list[tuple[str, dic
     folder.mkdir(parents=True, exist_ok=True)
     base_dir = Path(run_dir) / "models" / f"stage-{stage - 1}"
     paths = []
-    for genome_id, hp, adapter, _ in ranked:
-        export_peft_adapter(folder / genome_id, hp, adapter, base_dir)
+    for genome_id, hp, adapter, _ in ranked:  # the folder is replaced: its name must stay inside peft/
+        export_peft_adapter(folder / safenames.genome_id(genome_id, folder), hp, adapter, base_dir)
         paths.append(str((folder / genome_id).relative_to(run_dir)))
     from evolm.jsonfiles import write_json
 

@@ -30,13 +30,18 @@ def as_config(config: ExperimentConfig | dict | str | Path, overrides: dict[str,
 
 
 def new_run_dir(config: ExperimentConfig, name: str | None = None) -> Path:
-    """``<output_dir>/<name>``, by default ``<experiment>-<yyyymmdd-hhmmss>``; refused if it holds anything."""
+    """``<output_dir>/<name>``, by default ``<experiment>-<yyyymmdd-hhmmss>``; refused if it holds anything.
+    ``name`` is one folder name: the run never lands outside ``output_dir``."""
     from evolm.rundir import holds_a_run
+    from evolm.runlock import LOCK_FILE, refuse_if_in_use
+    from evolm.safenames import folder_name
 
-    run_dir = config.output_dir / (name or f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = config.output_dir / (folder_name(name) if name is not None else
+                                   f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    refuse_if_in_use(run_dir)
     if holds_a_run(run_dir):
         raise RunDirError(f"{run_dir} already holds a run; resume it (evolm resume {run_dir}) or choose another --name")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # a lock left by a killed start
         raise RunDirError(f"{run_dir} already exists and is not empty; choose another --name, or continue "
                           f"it with `evolm resume {run_dir}`")
     return run_dir
@@ -48,9 +53,13 @@ def run(config: ExperimentConfig | dict | str | Path, run_dir: str | Path | None
     ``run_dir``: where the run writes (default: a new folder under ``config.output_dir``)."""
     from evolm.continual import ContinualRun
 
+    from evolm.runlock import run_lock
+
     config = as_config(config)
     run_dir = new_run_dir(config) if run_dir is None else Path(run_dir)
-    return ContinualRun(config, run_dir, _executor_factory(config, executor, ray_address), reporter).run()
+    make_executor = _executor_factory(config, executor, ray_address)
+    with run_lock(run_dir):  # held until the run ends: a second run or resume here is refused
+        return ContinualRun(config, run_dir, make_executor, reporter).run()
 
 
 def resume(run_dir: str | Path, *, experiment: ExperimentConfig | dict | str | Path | None = None,
@@ -60,17 +69,24 @@ def resume(run_dir: str | Path, *, experiment: ExperimentConfig | dict | str | P
     experiment (more generations, stages appended); any other change is refused."""
     from evolm.continual import ContinualRun
 
+    from evolm.runlock import run_lock
+
     config = resume_config(run_dir, experiment)
     if workers is not None:
         config = config.model_copy(update={"ray": config.ray.model_copy(update={"num_workers": workers})})
-    return ContinualRun(config, Path(run_dir), _executor_factory(config, executor, ray_address), reporter).resume()
+    make_executor = _executor_factory(config, executor, ray_address)
+    with run_lock(run_dir):  # held until the run ends: a second run or resume here is refused
+        return ContinualRun(config, Path(run_dir), make_executor, reporter).resume()
 
 
 def resume_config(run_dir: str | Path, experiment=None) -> ExperimentConfig:
     """The run's own experiment, or ``experiment`` if it only extends it."""
     from evolm.rundir import open_run_dir
+    from evolm.runlock import refuse_if_in_use
 
-    saved = parse_config(open_run_dir(Path(run_dir)), source=str(Path(run_dir) / "experiment.json"))
+    raw = open_run_dir(Path(run_dir))
+    refuse_if_in_use(run_dir)  # first: a live run's files are its own, and may be mid-rewrite
+    saved = parse_config(raw, source=str(Path(run_dir) / "experiment.json"))
     if experiment is None:
         return saved
     new = as_config(experiment).keep_search_of(saved)

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+from evolm.errors import RunDirError
 from evolm.jsonfiles import jsonable, write_atomic
+from evolm.safenames import genome_id
 
 CHECKPOINT_DIR = "checkpoints"
+_TAG = re.compile(r"s\d{3,}-(end|g\d{4,})")
+_BASE_MODEL = re.compile(r"models/stage-\d{1,6}")
+_SHAPES = {"population": list, "hall_of_fame": list, "evolution_rng": list, "global_rng": dict,
+           "loss_matrix": list, "summaries": list}
 
 
 class CorruptCheckpoint(Exception):
@@ -60,10 +67,11 @@ def load_checkpoint(path: Path) -> dict:
     try:
         wrapper = json.loads(Path(path).read_text(encoding="utf-8"))
         body = json.dumps(wrapper["state"], sort_keys=True)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:  # ValueError: not UTF-8 or JSON
         raise CorruptCheckpoint(f"{path.name}: unreadable ({type(exc).__name__})") from None
-    if hashlib.sha256(body.encode()).hexdigest() != wrapper.get("sha256"):
+    if not isinstance(wrapper, dict) or hashlib.sha256(body.encode()).hexdigest() != wrapper.get("sha256"):
         raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
+    _check_state(Path(path), wrapper["state"])
     rng_path = Path(path).with_name(Path(path).name.replace(".json", ".rng.safetensors"))
     try:
         from safetensors.torch import load_file
@@ -74,11 +82,46 @@ def load_checkpoint(path: Path) -> dict:
     return wrapper["state"]
 
 
+def _check_state(path: Path, state) -> None:
+    """A state whose checksum matches may still have been written by hand: what the run and its
+    readers rely on must have its type, and nothing in it may lead out of the run directory."""
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{path.name}: the state is not an object")
+    base = state.get("base_model")
+    if not isinstance(base, str) or not _BASE_MODEL.fullmatch(base):
+        raise RunDirError(f"{path}: base_model {base!r} is not models/stage-<k> of this run directory; the "
+                          f"checkpoint was edited, and evolm will not load a model from elsewhere")
+    for key, kind in _SHAPES.items():
+        if not isinstance(state.get(key), kind):
+            raise CorruptCheckpoint(f"{path.name}: {key} is missing or not a {kind.__name__}")
+    for genome in state["population"] + state["hall_of_fame"]:
+        genome_id(genome.get("id") if isinstance(genome, dict) else genome, path)  # ids become adapter paths
+    generation, elapsed = state.get("generation"), state.get("elapsed")
+    if not (_count(state.get("stage")) and isinstance(state.get("stage_done"), bool)
+            and (generation is None or _count(generation))
+            and (elapsed is None or (_number(elapsed) and 0 <= elapsed < 1e12))):  # nan fails too
+        raise CorruptCheckpoint(f"{path.name}: stage, generation, stage_done or elapsed has the wrong type")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoint JSON files of ``folder`` in run order; a file whose name is not a tag is not one."""
+    return sorted((p for p in Path(folder).glob("s*.json") if _TAG.fullmatch(p.stem)), key=lambda p: tag_order(p.stem))
+
+
 def latest_checkpoint(run_dir: Path) -> tuple[dict | None, list[str]]:
-    """The newest whole checkpoint and a warning for each newer one that was corrupt."""
+    """The newest whole checkpoint and a warning for each newer one that was corrupt; RunDirError for
+    one that was edited to lead out of the run directory."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     warnings = []
-    for path in sorted(folder.glob("s*.json"), key=lambda p: tag_order(p.stem), reverse=True):
+    for path in reversed(checkpoint_files(folder)):
         try:
             state = load_checkpoint(path)
         except CorruptCheckpoint as exc:
@@ -103,7 +146,7 @@ def restore_global_rng(state: dict) -> None:
 
 def prune_checkpoints(folder: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` checkpoints and every stage end, so disk use stays bounded."""
-    tags = sorted((p.stem for p in folder.glob("s*.json")), key=tag_order)
+    tags = [p.stem for p in checkpoint_files(folder)]
     for tag in tags[:-keep_last] if keep_last else tags:
         if not tag.endswith("-end"):
             for suffix in (".json", ".rng.safetensors"):

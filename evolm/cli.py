@@ -153,13 +153,16 @@ def cmd_run(args) -> int:
     overrides = _execution_overrides(args)
     if args.seed is not None:
         overrides["seed"] = args.seed
+    from evolm.runlock import run_lock
+
     config = evolm.api.as_config(args.experiment, overrides)
     run_dir = evolm.api.new_run_dir(config, args.name)
-    print(f"run {run_dir.name}: {len(config.stages)} stages, population {config.search.population_size}, "
-          f"{config.search.generations} generations, results in {run_dir}", flush=True)
-    _quiet_libraries()
-    summaries = evolm.run(config, run_dir, executor="local" if args.no_ray else "ray",
-                          reporter=_reporter(config, run_dir, args), ray_address=args.ray_address)
+    with run_lock(run_dir):  # before the reporter: tracking writes into the run directory
+        print(f"run {run_dir.name}: {len(config.stages)} stages, population {config.search.population_size}, "
+              f"{config.search.generations} generations, results in {run_dir}", flush=True)
+        _quiet_libraries()
+        summaries = evolm.run(config, run_dir, executor="local" if args.no_ray else "ray",
+                              reporter=_reporter(config, run_dir, args), ray_address=args.ray_address)
     print(stage_table(summaries))
     print(f"models: {run_dir / 'models'}")
     return 0
@@ -168,12 +171,15 @@ def cmd_run(args) -> int:
 def cmd_resume(args) -> int:
     import evolm
 
+    from evolm.runlock import run_lock
+
     config = evolm.api.resume_config(args.run_dir, args.experiment)
-    print(f"resuming {args.run_dir}", flush=True)
-    _quiet_libraries()
-    summaries = evolm.resume(args.run_dir, experiment=config, executor="local" if args.no_ray else "ray",
-                             reporter=_reporter(config, args.run_dir, args), ray_address=args.ray_address,
-                             workers=_execution_overrides(args).get("ray.num_workers"))
+    with run_lock(args.run_dir):  # before the reporter: tracking writes into the run directory
+        print(f"resuming {args.run_dir}", flush=True)
+        _quiet_libraries()
+        summaries = evolm.resume(args.run_dir, experiment=config, executor="local" if args.no_ray else "ray",
+                                 reporter=_reporter(config, args.run_dir, args), ray_address=args.ray_address,
+                                 workers=_execution_overrides(args).get("ray.num_workers"))
     print(stage_table(summaries))
     return 0
 

@@ -64,9 +64,11 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: str = "config") 
         return ExperimentConfig.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         message = "; ".join(_describe(e) for e in exc.errors())
-        # User text may hold control characters or Unicode line breaks; the message stays one printable line.
-        message = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: ascii(m.group())[1:-1], message)
-        raise ConfigError(f"{source}: {message}") from None
+    except OSError as exc:  # a path the OS will not even look up (a name too long): no field to name
+        message = f"{str(exc.filename)[:200]}: {exc.strerror}; fix that path"
+    # User text may hold control characters or Unicode line breaks; the message stays one printable line.
+    message = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: ascii(m.group())[1:-1], message)
+    raise ConfigError(f"{source}: {message}") from None
 
 
 def _describe(error: dict) -> str:

@@ -6,6 +6,7 @@ the result says ``status: failed`` with the error, and the search gives it the w
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -234,6 +235,28 @@ def _environment_problem(ray, exc: BaseException) -> ClusterError | None:
                         f"then resume the run")
 
 
+@contextlib.contextmanager
+def _loopback_node():
+    """A local cluster whose node IP is 127.0.0.1, so that every Ray server (GCS, raylet, object
+    manager, workers, agents, metrics) listens on loopback only. Ray 2.60 turns a loopback
+    ``_node_ip_address`` into the host's own address and then binds to all interfaces; the node IP
+    is loopback only where Ray clusters are switched off (``ENABLE_RAY_CLUSTER``, its macOS/Windows
+    default), so it is switched off while this cluster starts."""
+    try:
+        from ray._private import ray_constants as constants
+    except ImportError:
+        constants = None
+    if not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        log.warning("this Ray version has no ENABLE_RAY_CLUSTER: its local cluster may listen on every interface")
+        yield
+        return
+    saved, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved
+
+
 class RayExecutor:
     """Evaluations spread over Ray actors, one per concurrent trial, on a local or joined cluster."""
 
@@ -251,9 +274,11 @@ class RayExecutor:
                 else:
                     # address="local": a new cluster of our own, even if another Ray runs on this machine
                     # GPUs as torch sees them: declaring more would let trials wait for GPUs that do not exist
-                    ray.init(address="local", num_cpus=math.ceil(self.workers * cfg.num_cpus_per_trial),
-                             num_gpus=torch.cuda.device_count(), include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
-                             runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
+                    with _loopback_node():
+                        ray.init(address="local", num_cpus=math.ceil(self.workers * cfg.num_cpus_per_trial),
+                                 num_gpus=torch.cuda.device_count(), include_dashboard=cfg.dashboard,
+                                 dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=False,
+                                 configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RuntimeEnvSetupError) as exc:
                 raise ClusterError(f"cannot start or join Ray (address={address or 'local'}): {_gist(str(exc))}; "
                                    f"check ray.address / --ray-address"

@@ -53,7 +53,7 @@ def prompt_seed(run_seed: int, index: int) -> int:
 def write_samples(run_dir: Path, model, tokenizer, config, stage: int, stage_name: str) -> list[dict]:
     """Sample every ``config.prompts`` from ``model`` and append them to ``run_dir/samples.jsonl``."""
     path = Path(run_dir) / "samples.jsonl"
-    done = {(r["stage"], r["prompt"]) for r in read_jsonl(path)}  # a resumed run samples a stage once
+    done = {(r.get("stage"), r.get("prompt")) for r in read_jsonl(path)}  # a resumed run samples a stage once
     records = []
     for i, prompt in enumerate(config.prompts):
         if (stage, prompt) in done:

@@ -6,10 +6,13 @@ old or the new file, never half of one. JSON only: a results directory is safe t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def jsonable(obj: Any) -> Any:
@@ -47,13 +50,21 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines log; a torn last line (crash mid-write) is ignored."""
-    if not Path(path).exists():
+    """The records (JSON objects) of a JSON-lines log. A line that is not one is skipped: a torn last
+    line (a crash mid-write), or a damaged one (bad bytes, not UTF-8, nested too deep to parse)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:  # a folder in its place, no permission: unreadable, like a missing log
+        log.warning("%s: unreadable (%s); ignored", path, exc.strerror or type(exc).__name__)
         return []
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in data.splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records

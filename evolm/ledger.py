@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from evolm.jsonfiles import read_jsonl, write_atomic
 from evolm.genome import canonical_json
 from evolm.records import EvaluationRecord, read_records
+from evolm import safenames
 
 
 @dataclass
@@ -39,15 +40,19 @@ class StageLedger:
     @classmethod
     def read(cls, run_dir: Path, k: int) -> "StageLedger":
         ledger = cls(Path(run_dir), k)
-        for r in read_records(EvaluationRecord, read_jsonl(ledger.run_dir / "evaluations.jsonl")):
+        log = ledger.run_dir / "evaluations.jsonl"
+        for r in read_records(EvaluationRecord, read_jsonl(log)):
             if r.stage == k:
+                for name in (r.genome_id, r.source):  # both name adapter files
+                    safenames.genome_id(name, log)
                 ledger.records[(r.generation, r.genome_id)] = r
                 if not r.cached:
                     ledger.cache[canonical_json(r.values)] = r.to_json() | {"genome_id": r.source}
                     ledger.trained += 1
-        for r in read_jsonl(ledger.run_dir / "rungs.jsonl"):
-            if r["stage"] == k:
-                ledger.rungs[(r["generation"], r["genome_id"], r["rung"])] = r
+        log = ledger.run_dir / "rungs.jsonl"
+        for r in read_jsonl(log):
+            if r.get("stage") == k and isinstance(r.get("generation"), int) and isinstance(r.get("rung"), int):
+                ledger.rungs[(r.get("generation"), safenames.genome_id(r.get("genome_id"), log), r["rung"])] = r
         return ledger
 
     def steps_before(self, generation: int | None = None) -> int:
@@ -56,8 +61,9 @@ class StageLedger:
         return sum(r.steps or 0 for (g, _), r in self.records.items()
                    if (generation is None or g < generation) and not r.cached)
 
-    def adapter_path(self, genome_id: str) -> Path:
-        return self.run_dir / "adapters" / f"stage-{self.index}" / f"{genome_id}.safetensors"
+    def adapter_path(self, genome: str) -> Path:
+        name = safenames.genome_id(genome, f"{self.run_dir}: an adapter")  # never a path that leaves adapters/
+        return self.run_dir / "adapters" / f"stage-{self.index}" / f"{name}.safetensors"
 
     def save_adapter(self, genome_id: str, arrays: dict[str, np.ndarray]) -> None:
         _save_atomic(self.adapter_path(genome_id), arrays)
@@ -93,10 +99,16 @@ def repair_logs(run_dir: Path, state: dict | None) -> None:
     """Drop torn lines (a kill mid-write), and generation records and merge-strength points newer than
     the checkpoint (a merge interrupted before its checkpoint is scored again)."""
     last = (0, -1) if state is None else (state["stage"], 10**9 if state["stage_done"] else state["generation"])
-    for name, keep in (("generations.jsonl", lambda r: (r["stage"], r["generation"]) <= last),
-                       ("merge_curve.jsonl", lambda r: (r["stage"], 10**9) <= last),
+    for name, keep in (("generations.jsonl", lambda r: _at_or_before(r, last)),
+                       ("merge_curve.jsonl", lambda r: _at_or_before(dict(r, generation=10**9), last)),
                        ("evaluations.jsonl", lambda r: True), ("rungs.jsonl", lambda r: True)):
         path = Path(run_dir) / name
-        if path.exists():
+        if path.is_file():
             records = [r for r in read_jsonl(path) if keep(r)]
             write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def _at_or_before(record: dict, last: tuple[int, int]) -> bool:
+    """A generation record up to ``last`` (stage, generation); a damaged one (no such numbers) is not kept."""
+    at = (record.get("stage"), record.get("generation"))
+    return all(isinstance(x, int) and not isinstance(x, bool) for x in at) and at <= last

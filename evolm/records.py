@@ -6,20 +6,25 @@
 
 The run writes them (``to_json``); status, plots, the report, lineage, importance and tracking
 read them (``from_json``), which accepts records of older versions and damaged files: a missing
-key takes its default, an unknown key is ignored. See docs/design.md, "Files of a run directory".
+key, or a value of the wrong type, takes its default; an unknown key is ignored. See docs/design.md,
+"Files of a run directory".
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
 class _Record:
     @classmethod
     def from_json(cls, d: dict):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """A missing key, or a value of the wrong type (a damaged or hand-edited file), takes the default."""
+        hints = _hints(cls)
+        return cls(**{k: v for k, v in d.items() if k in hints and _fits(v, hints[k])})
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -134,6 +139,25 @@ class StageSummary(_Record):
         return self.winner.get("id") if isinstance(self.winner, dict) else None
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value, hint) -> bool:
+    """``value`` is of type ``hint`` (``int``, ``str | None``, ``dict``...); booleans are not numbers,
+    floats are finite, integers fit in 64 bits."""
+    if typing.get_args(hint) and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        if isinstance(value, float):
+            return hint is float and math.isfinite(value)
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
 def trained_evaluations(records: list[EvaluationRecord]) -> list[EvaluationRecord]:
     """The one definition of "an evaluation" for every count: a fine-tune that really ran. Records
     served from the cache are left out, and so are repeats of one result (same stage and source)."""
@@ -156,4 +180,6 @@ def utilisation(evaluation_seconds: float, wall_seconds: float, workers: int) ->
 def read_records(cls, rows: list[Any]) -> list:
     """Typed records of JSON rows (records of ``cls`` are kept as they are); rows that are not
     objects (a damaged file) are skipped."""
+    if not isinstance(rows, list):  # a damaged file: no records
+        return []
     return [r if isinstance(r, cls) else cls.from_json(r) for r in rows if isinstance(r, (cls, dict))]

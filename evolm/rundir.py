@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -96,8 +97,9 @@ class RunRecords:
 
     def stage_names(self) -> dict[int, str]:
         """Stage index -> name, from the config, then from whatever the logs mention."""
-        names = {i: s.get("name", str(i)) for i, s in enumerate(self.config.get("stages") or [], start=1)
-                 if isinstance(s, dict)}
+        stages = self.config.get("stages")
+        names = {i: s["name"] for i, s in enumerate(stages if isinstance(stages, list) else [], start=1)
+                 if isinstance(s, dict) and isinstance(s.get("name"), str)}
         for r in [*self.evaluations, *self.generations]:
             names.setdefault(r.stage, r.stage_name or str(r.stage))
         return {k: v for k, v in sorted(names.items()) if isinstance(k, int)}
@@ -146,7 +148,7 @@ class RunRecords:
 
     def workers(self) -> int:
         """Evaluations that could run at once: the config's ray.num_workers, else the workers seen."""
-        n = (self.config.get("ray") or {}).get("num_workers")
+        n = _dict(self.config.get("ray")).get("num_workers")
         seen = {e.worker for e in self.evaluated() if e.worker}
         if isinstance(n, int) and n >= 1:
             return min(n, len(seen)) if seen else n
@@ -166,7 +168,7 @@ def open_run_dir(path: str | Path) -> dict:
                           f"`evolm run` created); runs are in results/<run name>/")
     try:
         experiment = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON, nested too deep
         experiment = None
     if not isinstance(experiment, dict):
         raise RunDirError(f"{file}: unreadable (not a JSON object); the run directory is damaged")
@@ -190,16 +192,21 @@ def load_run(path: str | Path) -> RunRecords:
     return RunRecords(
         path=path,
         experiment=experiment,
-        config=_dict(_read(path / "config.yaml", yaml.safe_load)),
+        config=_dict(_read(path / "config.yaml", _safe_yaml)),
         evaluations=read_records(EvaluationRecord, read_jsonl(path / "evaluations.jsonl")),
         generations=read_records(GenerationRecord, _last_per_key(read_jsonl(path / "generations.jsonl"),
                                                                  ("stage", "generation"))),
         summaries=read_records(StageSummary, _dict(summary).get("stages") or []),
         loss_matrix=_valid_matrix(_read(path / "loss_matrix.json", json.loads)),
-        metrics=_dict(_read(path / "metrics.json", json.loads)),
+        metrics=_valid_metrics(_read(path / "metrics.json", json.loads)),
         samples=_last_per_key(read_jsonl(path / "samples.jsonl"), ("stage", "prompt")),
         run_info=_dict(_read(path / "run.json", json.loads)),
     )
+
+
+def _safe_yaml(text: str):
+    """``yaml.safe_load``, with libyaml's parser where PyYAML has it (10x faster on a run's config)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _read(path: Path, parse):
@@ -207,8 +214,8 @@ def _read(path: Path, parse):
         return None
     try:
         return parse(path.read_text(encoding="utf-8"))
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        log.warning("%s: unreadable (%s); ignored", path, str(exc).splitlines()[0] if str(exc) else exc)
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # ValueError: not UTF-8, not JSON
+        log.warning("%s: unreadable (%s); ignored", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
 
 
@@ -217,14 +224,50 @@ def _dict(value) -> dict:
 
 
 def _valid_matrix(lm) -> dict | None:
-    if not isinstance(lm, dict) or not isinstance(lm.get("matrix"), list):
+    """loss_matrix.json, or None if it is unusable: named columns, rows of losses (None: not finite)
+    as long as the columns, ``learned_at`` only if it is one row index (or None) per column."""
+    if not isinstance(lm, dict) or not isinstance(lm.get("matrix"), list) or not _names(lm.get("columns")):
         return None
-    cols, rows = lm.get("columns") or [], lm.get("rows") or []
-    matrix = [r for r in lm["matrix"] if isinstance(r, list) and len(r) == len(cols)]
-    if not cols or not matrix:
+    cols, rows = lm["columns"], lm["rows"] if _names(lm.get("rows")) else []
+    matrix = [r for r in lm["matrix"] if isinstance(r, list) and len(r) == len(cols) and all(map(_finite_or_none, r))]
+    if not matrix:
         return None
     rows = (list(rows) + [f"row {i}" for i in range(len(rows), len(matrix))])[: len(matrix)]
-    return lm | {"columns": cols, "rows": rows, "matrix": matrix}
+    valid = lm | {"columns": cols, "rows": rows, "matrix": matrix}
+    learned = lm.get("learned_at")
+    if not (isinstance(learned, list) and len(learned) == len(cols)
+            and all(k is None or (isinstance(k, int) and not isinstance(k, bool)) for k in learned)):
+        valid.pop("learned_at", None)
+    return valid
+
+
+def _names(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+_METRIC_VALUES = ("average_final_loss", "average_final_perplexity", "mean_forgetting", "backward_transfer",
+                  "mean_forward_transfer")
+_METRIC_COLUMNS = ("final_loss", "final_perplexity", "forgetting", "forward_transfer")
+
+
+def _valid_metrics(metrics) -> dict:
+    """metrics.json (``metrics.summarize``) with every value a finite number or None; a value of
+    another type (a damaged file) is left out, so readers show it as unknown."""
+    metrics, out = _dict(metrics), {}
+    for key in ("columns", "rows", "learned_at"):
+        if isinstance(metrics.get(key), list):
+            out[key] = metrics[key]
+    out |= {k: metrics[k] for k in _METRIC_VALUES if k in metrics and _finite_or_none(metrics[k])}
+    for key in _METRIC_COLUMNS:
+        if isinstance(metrics.get(key), dict):
+            out[key] = {c: v for c, v in metrics[key].items() if _finite_or_none(v)}
+    return out
+
+
+def _finite_or_none(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63)
 
 
 def _last_per_key(records: list, keys: tuple[str, ...]) -> list[dict]:
