@@ -57,7 +57,11 @@ class DataSource(Section):
             return None
         base = Path((info.context or {}).get("base_dir", "."))
         full = (base / path).resolve() if not path.is_absolute() else path
-        if not full.is_file():
+        try:
+            found = full.is_file()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise ValueError(f"cannot use {str(full)[:200]} as a file ({exc.strerror}); fix the path") from None
+        if not found:
             raise ValueError(f"file not found: {full} (fix the path, or prepare the data with "
                              f"`python experiments/data/prepare.py`)")
         return full

@@ -137,10 +137,6 @@ def test_10000_mutated_configs_parse_or_raise_one_config_error(experiments_dir):
 
 # ----- (b) run directories ----------------------------------------------------------------------
 
-REPORTED = ("status.py",)
-"""Crashes raised in these modules are known and reported to their owner: status.py's arithmetic and
-formats on experiment.json's ``search`` values and on ``metrics`` it takes as they are. This test
-reports them as an expected failure until they are fixed there, and fails on a crash anywhere else."""
 READ_FILES = ["experiment.json", "config.yaml", "run.json", "evaluations.jsonl", "generations.jsonl", "summary.json",
               "loss_matrix.json", "metrics.json", "samples.jsonl", "rungs.jsonl"]
 
@@ -255,11 +251,7 @@ def test_1000_corrupted_run_directories_read_or_raise_one_evolm_error(pristine, 
         for name in set(damaged):
             _restore(run_dir / name, pristine / name)
     assert outcomes["read"] > RUN_DIRS // 2 and outcomes["refused"] > 10, outcomes
-    elsewhere = [f for f in failures if f[0].split(":")[0] not in REPORTED]
-    assert not elsewhere, _report(elsewhere, RUN_DIRS)
-    if failures:
-        pytest.xfail("crashes left in " + ", ".join(REPORTED) + " (reported, fixed there):\n" +
-                     _report(failures, RUN_DIRS))
+    assert not failures, _report(failures, RUN_DIRS)
 
 
 def _restore(path: Path, original: Path) -> None:
@@ -271,9 +263,6 @@ def _restore(path: Path, original: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-@pytest.mark.xfail(strict=True, reason="status.py:20 computes the planned evaluations from experiment.json's "
-                   "search values as they are (a string, a list or None there raises TypeError/AttributeError); "
-                   "reported: the fix belongs in status.py")
 @pytest.mark.parametrize("search", [{"population_size": "6"}, ["x"], {"generations": None}])
 def test_status_reads_a_run_whose_experiment_has_a_damaged_search_section(pristine, tmp_path, search):
     run_dir = shutil.copytree(pristine, tmp_path / "run")
