@@ -87,6 +87,14 @@ def _see_the_search(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--top-k", type=int, default=20, help="sample from the k likeliest tokens; 0: greedy (default 20)")
     gen.set_defaults(func=cmd_generate)
+    replay = sub.add_parser("replay", help="train a stage winner's schedule again and compare the adapter",
+                            description="Retrain the chain of evaluations that made stage K's winner "
+                            "(adapters/stage-K/schedule.json: each ancestor's genes, seed and steps, oldest first) "
+                            "from models/stage-(K-1), and say how far the result is from the adapter the run kept.")
+    replay.add_argument("run_dir", type=Path)
+    replay.add_argument("--stage", type=int, required=True, help="which stage's winner")
+    replay.add_argument("--out", type=Path, help="also write the replayed adapter here (.safetensors)")
+    replay.set_defaults(func=cmd_replay)
 
 
 def cmd_plot(args) -> int:
@@ -125,6 +133,22 @@ def cmd_generate(args) -> int:
     print(args.prompt + generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                       seed=args.seed, top_k=args.top_k))
     return 0
+
+
+def cmd_replay(args) -> int:
+    _quiet_libraries()
+    from evolm.schedule import replay
+
+    adapter, diff = replay(args.run_dir, args.stage)
+    if args.out:
+        from safetensors.numpy import save_file
+
+        save_file(adapter, str(args.out))
+    if diff is None:
+        print("replayed; the run kept no adapter of this winner to compare with")
+        return 0
+    print(f"replayed: largest difference from the kept adapter {diff:.3g}" + (" (identical)" if diff == 0 else ""))
+    return 0 if diff == 0 else 1
 
 
 def _reporter(config, run_dir: Path, args):

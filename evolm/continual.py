@@ -19,13 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from evolm.adapters import export_stage_adapters
 from evolm.base import load_base, pretrain, with_fixed_threads
 from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint
-from evolm.interference import update_subspaces
+from evolm.interference import stage_subspaces
 from evolm.jsonfiles import append_jsonl, write_atomic, write_json
 from evolm.config import ExperimentConfig
 from evolm.errors import RunDirError
@@ -42,6 +41,7 @@ from evolm.records import StageSummary
 from evolm.rundir import holds_a_run
 from evolm.reporting import LogReporter, Reporter
 from evolm.searchspace import resolve_space, training_defaults
+from evolm.schedule import write_schedule
 from evolm.runstate import (RunState, check_data_unchanged, checkpoint_state, fill_replay, genome_from_state,
                             restore_search, write_loss_matrix, write_run_info)
 from evolm.stage import GenerationStep, StageHooks, StepBudget, evolve_stage
@@ -215,6 +215,7 @@ class ContinualRun:
         adapters = export_stage_adapters(self.run_dir, k, [  # a runner-up whose file is gone is skipped
             (src, hyperparameters(g.values, state.training), ledger.load_adapter(src),
              dict(zip(self.objectives, g.fitness.values))) for g, src in kept if ledger.adapter_path(src).exists()])
+        write_schedule(self.run_dir, k, ledger, source_of(chosen.genomes[0], ledger))
         self._save_model(k)
         write_samples(self.run_dir, state.base.model, state.base.tokenizer, cfg, k, domain.name)
         state.loss_matrix = state.loss_matrix[:k] + [state.test_row(state.base.model)]
@@ -235,11 +236,7 @@ class ContinualRun:
 
     def _update_subspaces(self, k: int) -> dict:
         """What earlier stages changed, when the ``orthogonality`` gene may use it (else nothing)."""
-        if k == 1 or "orthogonality" not in self.state.space:
-            return {}
-        first, _ = load_model(str(self.run_dir / "models" / "stage-0"), torch.float32)
-        current = {n: p.detach().cpu() for n, p in self.state.base.model.named_parameters()}
-        return update_subspaces({n: p.detach() for n, p in first.named_parameters()}, current, uses_conv1d(first))
+        return stage_subspaces(self.run_dir, self.state.base.model, k) if "orthogonality" in self.state.space else {}
 
     # ----- run state on disk --------------------------------------------------------------
     def _checkpoint(self, k: int, gen: int | None, population: list, hof) -> None:

@@ -55,3 +55,16 @@ class OrthogonalityPenalty:
 
     def __call__(self) -> torch.Tensor:
         return self.weight * sum(((a.float() @ u.T) ** 2).sum() for a, u in self.pairs)
+
+
+def stage_subspaces(run_dir, stage_base, k: int) -> dict[str, np.ndarray]:
+    """What stages 1..k−1 changed: ``stage_base`` against the run's ``models/stage-0`` (nothing at stage 1)."""
+    from pathlib import Path
+
+    from evolm.models import load_model, uses_conv1d
+
+    if k == 1:
+        return {}
+    first, _ = load_model(str(Path(run_dir) / "models" / "stage-0"), torch.float32)
+    current = {n: p.detach().cpu() for n, p in stage_base.named_parameters()}
+    return update_subspaces({n: p.detach() for n, p in first.named_parameters()}, current, uses_conv1d(first))
