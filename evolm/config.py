@@ -438,8 +438,9 @@ class ExperimentConfig(Section):
                              "experiment has one stage and no base domain; add model.domain (data that stands "
                              "for what the model already knows) or drop retention_loss")
         _check_rule_objectives(search)
-        explicit = {"elitism", "tournament_size"} & search.model_fields_set
-        if len(search.objectives) > 1 and explicit:
+        defaults = SearchConfig.model_fields
+        explicit = {f for f in ("elitism", "tournament_size") if getattr(search, f) != defaults[f].default}
+        if len(search.objectives) > 1 and explicit:  # a value NSGA-II would silently ignore
             raise ValueError(f"search.{sorted(explicit)[0]}: with several objectives the search is NSGA-II, which "
                              f"keeps whole non-dominated fronts (every non-dominated genome survives) and picks "
                              f"parents by binary crowded tournaments; remove {' and '.join(sorted(explicit))}")
