@@ -24,7 +24,8 @@ def plots(run_dir):
 
 
 def test_every_figure_is_a_png_in_plots(run_dir, plots):
-    assert set(plots) == {"fitness", "genes", "loss_matrix", "importance", "lineage_stage1", "lineage_stage2"}
+    assert set(plots) == {"fitness", "genes", "loss_matrix", "importance", "merge_strength", "lineage_stage1",
+                          "lineage_stage2", "pareto_stage1", "pareto_stage2"}  # two objectives by default
     for name, plot in plots.items():
         assert plot.path == run_dir / "plots" / f"{name}.png"
         with Image.open(plot.path) as image:
@@ -94,8 +95,9 @@ def test_lineage_of_a_made_up_family():
 
 def test_pareto_only_with_two_objectives(run_dir, tmp_path):
     run = load_run(run_dir)
-    assert plot_pareto(run, 1, tmp_path) is None  # the tiny run has one objective
-    run.config["search"]["objectives"] = ["val_loss", "adapter_params"]  # as a two-objective run says
+    run.config["search"]["objectives"] = ["val_loss"]  # as a one-objective run says
+    assert plot_pareto(run, 1, tmp_path) is None
+    run.config["search"]["objectives"] = ["val_loss", "adapter_params"]
     plot = plot_pareto(run, 1, tmp_path)
     assert plot.path.name == "pareto_stage1.png" and plot.data["objectives"] == ["val_loss", "adapter_params"]
     assert plot.data["front"] == pareto_front(plot.data["points"])
@@ -114,3 +116,11 @@ def test_plot_a_crashed_run_shows_its_partial_generation(run_dir, tmp_path, caps
     assert fitness["best"][3] is not None  # from the one evaluation logged before the crash
     assert len(plots["loss_matrix"].data["cells"]) == 2
     assert plots["loss_matrix"].data["forgetting"][2] is None  # stage 2 not learned yet
+
+
+def test_merge_strength_figure_has_every_scored_point(run_dir, plots):
+    summary = json.loads((run_dir / "summary.json").read_text())["stages"]
+    data = plots["merge_strength"].data
+    assert set(data) == {s["stage"] for s in summary}
+    for s in summary:
+        assert data[s["stage"]] == s["merge_curve"] and sum(p["chosen"] for p in s["merge_curve"]) == 1

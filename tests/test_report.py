@@ -46,7 +46,7 @@ def test_report_names_every_stage_and_winner(run_dir, page):
 
 def test_images_are_embedded_pngs_and_nothing_is_fetched(page):
     images = DATA_URI.findall(page)
-    assert len(images) == 6  # fitness, genes, loss matrix, importance, two lineages
+    assert len(images) == 9  # fitness, genes, loss matrix, importance, merge strength, two lineages, two Pareto fronts
     for data in images:
         raw = base64.b64decode(data)
         assert raw.startswith(b"\x89PNG\r\n\x1a\n")
@@ -100,7 +100,7 @@ def test_text_from_files_is_escaped(run_dir, tmp_path):
 def test_report_of_a_crashed_run(run_dir, tmp_path):
     page = write_report(crashed_copy(run_dir, tmp_path / "crashed")).read_text()
     assert "not finished" in page and "not merged" in page
-    assert len(DATA_URI.findall(page)) == 5  # no lineage for the stage that never merged
+    assert len(DATA_URI.findall(page)) == 6  # no lineage, no Pareto front for the stage that never merged
 
 
 def report_count(page: str) -> int:
@@ -155,6 +155,6 @@ def test_every_image_loads_in_headless_chromium(run_dir, page, tmp_path):
                            "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
                            "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120)
     dom = done.stdout
-    assert 'data-images="6"' in dom, done.stderr[-2000:]
+    assert 'data-images="9"' in dom, done.stderr[-2000:]
     widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
-    assert len(widths) == 6 and all(w > 0 for w in widths)
+    assert len(widths) == 9 and all(w > 0 for w in widths)
