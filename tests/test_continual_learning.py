@@ -37,10 +37,11 @@ def test_two_objectives_are_measured_and_selected_with_nsga2(retention_run):
     assert len(set(stage1)) > 1 and len(set(stage2)) > 1  # retention is measured per genome
     for s in summaries:
         assert set(s["winner_objectives"]) == {"val_loss", "retention_loss"}
-        assert s["merge_method"] == "ties" and len(s["merged"]) == 2
+        # top_k 2, unless the Pareto archive holds a single genome
+        assert s["merge_method"] == "ties" and len(s["merged"]) == min(2, len(s["hall_of_fame"]))
         for src in s["merged"]:  # the merged adapters are kept, the rest of the stage's adapters pruned
             assert (run_dir / "adapters" / f"stage-{s['stage']}" / f"{src}.safetensors").exists()
-        assert len(list((run_dir / "adapters" / f"stage-{s['stage']}").glob("*.safetensors"))) == 2
+        assert len(list((run_dir / "adapters" / f"stage-{s['stage']}").glob("*.safetensors"))) == len(s["merged"])
 
 
 def test_metrics_follow_the_loss_matrix(retention_run):
