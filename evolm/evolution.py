@@ -245,20 +245,9 @@ def min_val_loss_within_retention(genomes: list[Genome], objectives: list[str], 
     """The genomes whose retention_loss is at most (1 + epsilon) · base_retention, by val_loss; then
     the others, by retention_loss. So the winner is the best learner that forgets at most epsilon,
     or else the one that forgets least."""
-    missing = [o for o in ("val_loss", "retention_loss") if o not in objectives]
-    if missing:
-        raise ValueError(f"winner rule 'min_val_loss_within_retention' needs the objectives val_loss and "
-                         f"retention_loss; missing: {', '.join(missing)} (objectives: {objectives})")
-    epsilon, base_retention = float(rule.get("epsilon", 0.05)), rule.get("base_retention")
-    if base_retention is None or not math.isfinite(base_retention) or epsilon < 0:
-        raise ValueError(f"winner rule 'min_val_loss_within_retention' needs a finite base_retention and "
-                         f"epsilon >= 0. Current values: base_retention={base_retention}, epsilon={epsilon}")
-    v, r = objectives.index("val_loss"), objectives.index("retention_loss")
-    limit = (1.0 + epsilon) * base_retention
-    within = [g for g in genomes if g.fitness.values[r] <= limit]
-    beyond = [g for g in genomes if g.fitness.values[r] > limit]
-    return (sorted(within, key=lambda g: (g.fitness.values[v], g.fitness.values[r]))
-            + sorted(beyond, key=lambda g: (g.fitness.values[r], g.fitness.values[v])))
+    epsilon = float(rule.get("epsilon", 0.05))
+    base = _base_retention("min_val_loss_within_retention", objectives, rule, "epsilon", epsilon)
+    return _learners_within(genomes, objectives, (1.0 + epsilon) * base)
 
 
 @WINNER_RULES.register("min_val_loss_within_forgetting")
@@ -266,17 +255,29 @@ def min_val_loss_within_forgetting(genomes: list[Genome], objectives: list[str],
     """The genomes whose retention_loss exceeds the stage base's by at most ``max_forgetting`` nats,
     by val_loss; then the others, by retention_loss. So each stage forgets at most max_forgetting
     (on validation splits) when any candidate allows it, and as little as it can otherwise."""
+    budget = float(rule.get("max_forgetting", 0.05))
+    base = _base_retention("min_val_loss_within_forgetting", objectives, rule, "max_forgetting", budget)
+    return _learners_within(genomes, objectives, base + budget)
+
+
+def _base_retention(name: str, objectives: list[str], rule: dict, knob: str, value: float) -> float:
+    """The stage base's retention loss, once the rule's needs are checked."""
     missing = [o for o in ("val_loss", "retention_loss") if o not in objectives]
     if missing:
-        raise ValueError(f"winner rule 'min_val_loss_within_forgetting' needs the objectives val_loss and "
-                         f"retention_loss; missing: {', '.join(missing)} (objectives: {objectives})")
-    budget, base_retention = float(rule.get("max_forgetting", 0.05)), rule.get("base_retention")
-    if base_retention is None or not math.isfinite(base_retention) or budget < 0:
-        raise ValueError(f"winner rule 'min_val_loss_within_forgetting' needs a finite base_retention and "
-                         f"max_forgetting >= 0. Current values: base_retention={base_retention}, "
-                         f"max_forgetting={budget}")
+        raise ValueError(f"winner rule '{name}' needs the objectives val_loss and retention_loss; missing: "
+                         f"{', '.join(missing)} (objectives: {objectives})")
+    base_retention = rule.get("base_retention")
+    if base_retention is None or not math.isfinite(base_retention) or value < 0:
+        raise ValueError(f"winner rule '{name}' needs a finite base_retention and {knob} >= 0. "
+                         f"Current values: base_retention={base_retention}, {knob}={value}")
+    return base_retention
+
+
+def _learners_within(genomes: list[Genome], objectives: list[str], limit: float) -> list[Genome]:
+    """Genomes with retention_loss <= limit by (val_loss, retention_loss), then the rest by
+    (retention_loss, val_loss)."""
     v, r = objectives.index("val_loss"), objectives.index("retention_loss")
-    within = [g for g in genomes if g.fitness.values[r] <= base_retention + budget]
-    beyond = [g for g in genomes if g.fitness.values[r] > base_retention + budget]
+    within = [g for g in genomes if g.fitness.values[r] <= limit]
+    beyond = [g for g in genomes if g.fitness.values[r] > limit]
     return (sorted(within, key=lambda g: (g.fitness.values[v], g.fitness.values[r]))
             + sorted(beyond, key=lambda g: (g.fitness.values[r], g.fitness.values[v])))
