@@ -236,8 +236,8 @@ class SearchConfig(Section):
     crossover_prob: float = Field(default=0.5, ge=0, le=1)
     mutation_prob: float = Field(default=0.5, ge=0, le=1)
     immigrant_share: float = Field(default=0.15, ge=0, lt=1)
-    """Share of each generation's offspring that are random genomes (at least one when above 0),
-    whatever the variation probabilities: new material the population keeps receiving."""
+    """Share of each generation's offspring that are random genomes (when above 0: at least one and
+    never all, given two or more offspring), whatever the variation probabilities."""
     min_diversity: float = Field(default=0.1, ge=0, le=1)
     """Below this diversity (mean gene distance of the population, 0..1) half of the next offspring
     are random immigrants: a burst that restarts a collapsed population."""
@@ -441,9 +441,12 @@ class ExperimentConfig(Section):
         defaults = SearchConfig.model_fields
         explicit = {f for f in ("elitism", "tournament_size") if getattr(search, f) != defaults[f].default}
         if len(search.objectives) > 1 and explicit:  # a value NSGA-II would silently ignore
-            raise ValueError(f"search.{sorted(explicit)[0]}: with several objectives the search is NSGA-II, which "
-                             f"keeps whole non-dominated fronts (every non-dominated genome survives) and picks "
-                             f"parents by binary crowded tournaments; remove {' and '.join(sorted(explicit))}")
+            given = ("the default here, as the experiment has earlier domains to keep; set search.objectives: "
+                     "[val_loss] to keep them" if "objectives" in self._defaulted else "")
+            why = f"{search.objectives}, " + given if given else f"{search.objectives}"
+            raise ValueError(f"search.{sorted(explicit)[0]}: with several objectives ({why}) the search is NSGA-II, "
+                             f"which keeps whole non-dominated fronts and picks parents by binary crowded "
+                             f"tournaments; remove {' and '.join(sorted(explicit))}")
         return self
 
     def hash(self) -> str:

@@ -53,7 +53,7 @@ class GenerationEvaluator:
             if result["status"] == "ok":  # the adapter is on disk before the ledger says "done"
                 ledger.save_adapter(result["genome_id"], result.pop("adapter"))
             result.pop("state", None)
-            ledger.cache[key] = result
+            ledger.cache[key] = result | {"generation": gen}  # as a resumed run reads it from the ledger
             ledger.trained += 1
             assigned.add(key)
             self._assign(gen, groups[key], result)

@@ -160,7 +160,9 @@ class Evolution:
         one when the share is above 0), half of them when the population's diversity has collapsed
         below ``min_diversity``."""
         s = self.search
-        n = max(1, round(s.immigrant_share * s.offspring_size)) if s.immigrant_share > 0 else 0
+        n = round(s.immigrant_share * s.offspring_size)
+        if s.immigrant_share > 0 and s.offspring_size > 1:  # at least one, never all: variation goes on
+            n = min(max(1, n), s.offspring_size - 1)
         spread = diversity(population, self.space)
         if spread is not None and spread < s.min_diversity:
             n = max(n, s.offspring_size // 2)

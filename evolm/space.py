@@ -78,12 +78,12 @@ class Integer(GeneType):
         return rng.randint(self.low, self.high)
 
     def mutate(self, value, rng):
-        if self.log:
-            new = round(value * math.exp(rng.gauss(0.0, 0.4)))
+        if self.log:  # reflected on the log scale it mutates on
+            log_new = _reflect(math.log(value) + rng.gauss(0.0, 0.4), math.log(self.low), math.log(self.high))
+            new = int(min(max(round(math.exp(log_new)), self.low), self.high))
         else:
             step = max(1.0, 0.2 * (self.high - self.low))
-            new = round(value + rng.gauss(0.0, step))
-        new = int(round(_reflect(new, self.low, self.high)))
+            new = int(round(_reflect(round(value + rng.gauss(0.0, step)), self.low, self.high)))
         if new == value and self.low < self.high:  # an integer gene must move when mutated
             up = value < self.high and (value == self.low or rng.random() < 0.5)
             new = value + 1 if up else value - 1
