@@ -55,6 +55,17 @@ def tiny_experiment(corpora: Path, out_dir: Path, **overrides) -> dict:
     return raw
 
 
+def tree_paths(node, prefix=()):
+    """Every path (keys and list indices) into a nested dict / list, the root's () first."""
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from tree_paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from tree_paths(v, prefix + (i,))
+
+
 def write_experiment(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -15,7 +15,7 @@ from evolm.configfile import parse_config
 from evolm.continual import ContinualRun, Reporter
 from evolm.errors import ConfigError
 from evolm.executor import LocalExecutor, RayExecutor
-from tests.conftest import tiny_experiment
+from tests.conftest import tiny_experiment, tree_paths
 
 
 def fails_with_c_proj(ctx):
@@ -94,16 +94,6 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(a
                                    st.one_of(st.integers(-3, 3), st.text(max_size=3)), max_size=3))
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, prefix + (i,))
-
-
 def _mutate(raw, path, action, value):
     if not path:
         return value if action == "replace" else raw
@@ -132,7 +122,7 @@ def base_raw(corpora, tmp_path_factory):
 def test_mutated_configs_are_accepted_or_rejected_with_a_field(base_raw, data):
     raw = json.loads(json.dumps(base_raw))
     for _ in range(data.draw(st.integers(1, 3))):
-        paths = list(_paths(raw)) if isinstance(raw, dict) else [()]
+        paths = list(tree_paths(raw)) if isinstance(raw, dict) else [()]
         path = data.draw(st.sampled_from(paths))
         raw = _mutate(raw, path, data.draw(st.sampled_from(["replace", "delete", "add"])), data.draw(VALUES))
     try:
@@ -140,7 +130,8 @@ def test_mutated_configs_are_accepted_or_rejected_with_a_field(base_raw, data):
     except ConfigError as exc:
         message = str(exc)
         assert re.match(r"config: \S", message) and len(message.splitlines()) == 1
-        fields = {str(p) for path in _paths(raw if isinstance(raw, dict) else {}) for p in path if isinstance(p, str)}
+        tree = raw if isinstance(raw, dict) else {}
+        fields = {str(p) for path in tree_paths(tree) for p in path if isinstance(p, str)}
         assert any(f in message for f in fields | {"(top level)", "search", "model", "stages"}), message
 
 

@@ -29,7 +29,7 @@ from evolm.errors import ConfigError, EvolmError
 from evolm.ledger import StageLedger
 from evolm.rundir import load_run, open_run_dir
 from evolm.status import format_status, run_status
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tree_paths
 
 CONFIGS, RUN_DIRS = 10_000, 1_000
 GARBAGE = [None, True, False, 0, -1, -(10**9), 10**30, 2**63, 10**400, 0.5, -0.5, 1e308, -1e308, float("nan"), float("inf"),
@@ -48,20 +48,10 @@ def garbage(rng: random.Random):
     return copy.deepcopy(value)
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, prefix + (i,))
-
-
 def mutate(tree, rng: random.Random):
     """One random change at one random place: replace, delete, add an unknown key, wrap, empty."""
     by_depth: dict[int, list] = {}
-    for p in _paths(tree):
+    for p in tree_paths(tree):
         by_depth.setdefault(len(p), []).append(p)
     path = rng.choice(by_depth[rng.choice(list(by_depth))])  # each depth as likely: top-level sections too
     action = rng.choice(["replace", "replace", "delete", "add", "wrap", "empty"])
