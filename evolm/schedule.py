@@ -52,6 +52,7 @@ def replay(run_dir: Path, stage: int, say=print) -> tuple[dict[str, np.ndarray],
     from evolm.api import resume_config
     from evolm.base import load_base
     from evolm.interference import stage_subspaces
+    from evolm.rundir import load_run
     from evolm.runstate import fill_replay
     from evolm.train import evaluate_genome
 
@@ -63,7 +64,10 @@ def replay(run_dir: Path, stage: int, say=print) -> tuple[dict[str, np.ndarray],
     schedule = json.loads(path.read_text())
     config = resume_config(run_dir)
     base = load_base(config, say, str(run_dir / "models" / f"stage-{stage - 1}"))
-    training = dict(yaml_training(run_dir))
+    training = load_run(run_dir).config.get("training")  # as the run's evaluations saw it (config.yaml)
+    if not isinstance(training, dict):
+        raise RunDirError(f"{run_dir / 'config.yaml'}: missing or damaged (its training section is what the "
+                          f"evaluations ran with); a replay needs it")
     blocks = {s: base.stage_domain(stage).blocks[s] for s in ("train", "validation")}
     buffer = fill_replay(config, base, stage)
     if len(buffer):
@@ -85,14 +89,6 @@ def replay(run_dir: Path, stage: int, say=print) -> tuple[dict[str, np.ndarray],
         stored = load_file(str(kept))
         diff = max(float(np.max(np.abs(stored[k] - adapter[k]))) for k in stored)
     return adapter, diff
-
-
-def yaml_training(run_dir: Path) -> dict:
-    """``training`` as the run's evaluations saw it (config.yaml: target modules and fan_in_fan_out filled)."""
-    import yaml
-
-    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    return config["training"]
 
 
 def schedule_genes(schedule: dict) -> set[str]:
