@@ -78,6 +78,20 @@ class ModelConfig(Section):
         return self.pretrain or self.domain
 
 
+class PrivacyConfig(Section):
+    """Differentially private training of every evaluation's adapter (DP-SGD through Opacus,
+    ``evolm.privacy``): each sample's gradient clipped, Gaussian noise added, the ε spent recorded."""
+
+    noise_multiplier: float = Field(default=1.0, gt=0)
+    """σ: the noise's standard deviation in units of max_grad_norm (more noise, smaller ε); the gene
+    ``noise_multiplier`` searches it."""
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    """C: each sample's gradient is clipped to this L2 norm (it replaces training.max_grad_norm's clip
+    of the batch gradient)."""
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    """δ of the (ε, δ) guarantee: keep it below 1 / (training rows)."""
+
+
 class TrainingConfig(Section):
     """Hyperparameters used for every gene that is not in the search space."""
 
@@ -104,6 +118,8 @@ class TrainingConfig(Section):
     """Recompute activations in the backward pass instead of keeping them (less memory, slower)."""
     replay_ratio: float = Field(default=0.0, ge=0, lt=1)
     """Share of each training batch drawn from earlier stages' replay buffer."""
+    privacy: PrivacyConfig | None = None
+    """Differentially private adapter training (needs ``pip install 'evolm[privacy]'``); None: off."""
 
 
     @field_validator("lr_scheduler_type")
@@ -376,6 +392,28 @@ class ExperimentConfig(Section):
             raise ValueError(f"search.{sorted(explicit)[0]}: with several objectives ({why}) the search is NSGA-II, "
                              f"which keeps whole non-dominated fronts and picks parents by binary crowded "
                              f"tournaments; remove {' and '.join(sorted(explicit))}")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self):
+        """What needs training.privacy, and what training.privacy cannot be combined with."""
+        private, search = self.training.privacy is not None, self.search
+        if not private:
+            if "epsilon" in search.objectives:
+                raise ValueError("search.objectives: epsilon is the privacy spent by DP training, and training.privacy "
+                                 "is off; add training.privacy: {noise_multiplier: 1.0, max_grad_norm: 1.0} or drop epsilon")
+            if search.space.get("noise_multiplier") is not None:
+                raise ValueError("search.space.noise_multiplier: the DP noise only exists with training.privacy, which "
+                                 "is off; add training.privacy: {max_grad_norm: 1.0} or remove the gene")
+            return self
+        import importlib.util
+
+        if importlib.util.find_spec("opacus") is None:
+            raise ValueError("training.privacy: needs Opacus, which is not installed; pip install 'evolm[privacy]' "
+                             "(opacus) or remove training.privacy")
+        if self.training.gradient_checkpointing:
+            raise ValueError("training.gradient_checkpointing: not with training.privacy (Opacus's per-sample "
+                             "gradients need each forward pass once, and checkpointing runs it twice); set it to false")
         return self
 
     def hash(self) -> str:

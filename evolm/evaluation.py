@@ -91,7 +91,8 @@ class GenerationEvaluator:
         if not path.exists():
             return None
         return {"adapter": load_file(str(path)), "hp": hyperparameters(best.values, self.training),
-                "from": best.genome_id, "adapter_of": best.result_of}
+                "from": best.genome_id, "adapter_of": best.result_of,
+                "privacy": (best.curve or {}).get("privacy")}  # its DP trainings: the child's ε composes them
 
     # ----- records ------------------------------------------------------------------------
     def _assign(self, gen: int, genomes: list[Genome], result: dict) -> None:

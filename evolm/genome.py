@@ -93,6 +93,10 @@ class Hyperparameters:
     merge_scale: float = 1.0
     """The trained adapter's B is scaled by this before it is measured and kept (a merge strength
     evolved with the other genes)."""
+    privacy: dict | None = None
+    """``training.privacy`` (noise_multiplier, max_grad_norm, delta): DP-SGD (``evolm.privacy``); None: off."""
+    noise_multiplier: float | None = None
+    """The gene of that name: the DP noise σ, over ``privacy["noise_multiplier"]``."""
 
     @classmethod
     def of(cls, hp: "Hyperparameters | dict[str, Any]") -> "Hyperparameters":

@@ -37,6 +37,12 @@ class EvalContext:
     adapter_params: int
     trained_ok: bool
     """False when training stopped on a non-finite loss: loss objectives are then NaN."""
+    curve: dict | None = None
+    """The training curve's summary (``epsilon`` there when it trained with ``training.privacy``)."""
+
+    def provides(self, need: str) -> bool:
+        """Whether a block set (``retention``) or a training measure (``epsilon``) is at hand."""
+        return need in self.blocks or need in (self.curve or {})
 
     def loss(self, split: str) -> float:
         """Mean next-token loss on ``blocks[split]``, within ``training.eval_max_batches``."""
@@ -54,7 +60,8 @@ class Objective:
     measure: Callable[[EvalContext], float]
     direction: str = "minimize"
     needs: str | None = None
-    """A block set the objective needs (``retention``); without it the objective is not measured."""
+    """A block set (``retention``) or training measure (``epsilon``) the objective needs; without it the
+    objective is not measured."""
 
     def __reduce__(self):
         # A user's function travels by value: a Ray worker need not be able to import its module
@@ -74,8 +81,11 @@ OBJECTIVES.register("val_loss", Objective("val_loss", lambda ctx: ctx.loss("vali
 OBJECTIVES.register("retention_loss", Objective("retention_loss", lambda ctx: ctx.loss("retention"),
                                                 needs="retention"))
 OBJECTIVES.register("adapter_params", Objective("adapter_params", lambda ctx: float(ctx.adapter_params)))
-ALWAYS_MEASURED = ("val_loss", "adapter_params", "retention_loss")
-"""Recorded for every evaluation (retention_loss where the stage has earlier domains), whatever the search uses."""
+# the differential-privacy ε the adapter's training spent (``training.privacy``, ``evolm.privacy``)
+OBJECTIVES.register("epsilon", Objective("epsilon", lambda ctx: float(ctx.curve["epsilon"]), needs="epsilon"))
+ALWAYS_MEASURED = ("val_loss", "adapter_params", "retention_loss", "epsilon")
+"""Recorded for every evaluation (retention_loss where the stage has earlier domains, epsilon where it
+trained privately), whatever the search uses."""
 
 
 def resolve_objective(name: str) -> Objective:
@@ -111,7 +121,7 @@ def measure_all(requested: list[Objective], ctx: EvalContext) -> dict[str, float
 
     wanted = [OBJECTIVES.get(n) for n in ALWAYS_MEASURED] + [o for o in requested if o.name not in ALWAYS_MEASURED]
     with torch.no_grad():
-        return {o.name: o.value(ctx) for o in wanted if o.needs is None or o.needs in ctx.blocks}
+        return {o.name: o.value(ctx) for o in wanted if o.needs is None or ctx.provides(o.needs)}
 
 
 

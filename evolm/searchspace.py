@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 # Gene names the training loop understands; a gene outside this list would silently do nothing.
 KNOWN_GENES = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers", "learning_rate",
                "max_steps", "weight_decay", "warmup_ratio", "per_device_train_batch_size", "replay_ratio",
-               "lr_scheduler_type", "gradient_accumulation_steps", "orthogonality", "merge_scale")
+               "lr_scheduler_type", "gradient_accumulation_steps", "orthogonality", "merge_scale",
+               "noise_multiplier")
 
 # LoRA targets per model family: (attention only, attention + output, all linear layers).
 TARGET_MODULES = {
@@ -51,6 +52,7 @@ GENE_LIMITS = {
     "gradient_accumulation_steps": (lambda v: isinstance(v, _WHOLE) and v >= 1, "a whole number >= 1"),
     "orthogonality": (lambda v: v >= 0, ">= 0"),
     "merge_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "noise_multiplier": (lambda v: v > 0, "> 0 (without noise there is no privacy to account)"),
 }
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from evolm.genome import Hyperparameters, lora_config
+from evolm.privacy import private_training
 from evolm.replay import replay_mix
 
 
@@ -69,7 +70,7 @@ def _backward(model, x: torch.Tensor, device: torch.device, parts: int) -> float
 
 def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int, device: torch.device,
                replay: np.ndarray | None = None, resume: dict | None = None,
-               stop_at: int | None = None, penalty=None) -> dict:
+               stop_at: int | None = None, penalty=None, privacy_history: list | None = None) -> dict:
     """AdamW over ``max_steps`` random batches of ``blocks``, the learning rate following
     ``lr_scheduler_type`` (transformers' schedulers; default linear warmup over ``warmup_ratio``, then
     linear decay), each batch in ``gradient_accumulation_steps`` micro-batches.
@@ -79,7 +80,9 @@ def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int,
     ``stop_at`` pauses after that many steps (the schedule still spans ``max_steps``) and the
     returned curve carries ``state``: what ``resume`` needs to go on exactly as if never paused
     (successive halving). ``penalty()`` (optional): a term added to every step's loss (its gradient
-    only; the curve reports the model's loss). Returns a summary of the training curve; stops early
+    only; the curve reports the model's loss). With ``hp.privacy`` every step is DP-SGD's (per-sample
+    clipping and noise, ``evolm.privacy``) and the curve says the ε spent, ``privacy_history`` (an
+    inherited adapter's trainings) included. Returns a summary of the training curve; stops early
     when the loss stops being finite.
     """
     params, hp = {n: p for n, p in model.named_parameters() if p.requires_grad}, Hyperparameters.of(hp)
@@ -96,15 +99,19 @@ def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int,
     start, losses = 0, []
     if resume is not None:
         start, losses = _restore(resume, params, optimizer, generator, device)
+    private = private_training(model, hp, seed, len(blocks), 0 if mix is None else len(replay), resume,
+                               privacy_history)  # None: privacy off
+    backward = _backward if private is None else private.backward
     model.train()
     for step in range(start, stop):
         idx = torch.randint(len(data), (batch,), generator=generator) if mix is None else torch.from_numpy(mix[1][step])
-        losses.append(_backward(model, data[idx].to(device), device, parts))
+        losses.append(backward(model, data[idx].to(device), device, parts))
         if not math.isfinite(losses[-1]):
             break
         if penalty:
             penalty().backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), hp.max_grad_norm)
+        if private is None:  # with privacy the per-sample clip takes this one's place
+            torch.nn.utils.clip_grad_norm_(list(params.values()), hp.max_grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(step)
         optimizer.step()
@@ -115,6 +122,10 @@ def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int,
              "min": min(losses), "tail_mean": float(np.mean(tail))}
     if len(losses) < steps and math.isfinite(losses[-1]):
         curve["state"] = _snapshot(len(losses), losses, params, optimizer, generator, device)
+    if private is not None:
+        if "state" in curve:
+            curve["state"] |= private.state()
+        curve |= private.finish(len(losses))
     return curve
 
 
@@ -198,18 +209,20 @@ def fine_tune(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.devi
 
     ``inherit`` (``{"adapter": arrays, "hp": parent hyperparameters}``): start from a parent's
     trained adapter instead of a fresh one (``evolm.inherit``); ``curve["inherited"]`` says what was
-    taken. ``resume`` / ``stop_at``: see ``train_loop``. ``subspaces``: earlier stages' update
+    taken. Its ``privacy`` (the parent's ``curve["privacy"]``): the parent's private trainings, which
+    the child's ε composes with its own. ``resume`` / ``stop_at``: see ``train_loop``. ``subspaces``: earlier stages' update
     subspaces, for the ``orthogonality`` gene (``evolm.interference``).
     """
     from evolm.inherit import inherit_adapter
     from evolm.interference import OrthogonalityPenalty
 
-    inherited = None
+    inherited, history = None, None
     if inherit is not None and resume is None:  # a resumed training already holds its own weights
-        inherited = {k: v for k, v in inherit.items() if k not in ("adapter", "hp")}  # who it came from
+        inherited = {k: v for k, v in inherit.items() if k not in ("adapter", "hp", "privacy")}  # who it came from
         inherited |= inherit_adapter(model, inherit["adapter"], inherit["hp"], hp)
+        history = (inherit.get("privacy") or {}).get("history")
     penalty = OrthogonalityPenalty(model, subspaces or {}, Hyperparameters.of(hp).orthogonality)
-    curve = train_loop(model, blocks, hp, seed, device, replay, resume, stop_at, penalty)
+    curve = train_loop(model, blocks, hp, seed, device, replay, resume, stop_at, penalty, history)
     if inherited is not None:
         curve["inherited"] = inherited
     return curve
@@ -244,7 +257,7 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
         _scale_adapter(model, Hyperparameters.of(hp).merge_scale)
         adapter = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]))
+        ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]), curve)
         objectives = measure_all(objectives or [], ctx)
     return {"objectives": objectives, "curve": curve, "adapter": adapter,
             "adapter_params": n_params, "steps": curve["steps"], "state": state, "inherited": inherited,
