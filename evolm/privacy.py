@@ -121,7 +121,7 @@ class PrivateTraining:
         self.settings, self.rate = settings, rate
         self.history = [tuple(h) for h in history or []]
         """What the adapter was trained with before this training (an inherited parent's)."""
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.names, self.params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self.generator = torch.Generator().manual_seed(noise_seed(seed))
         self.sample_norms: torch.Tensor | None = None
         """The last micro-batch's per-sample gradient norms before clipping."""
@@ -153,8 +153,7 @@ class PrivateTraining:
                     self._clear()
                     return losses.mean().item()
                 losses.sum().backward()
-            clipped, self.sample_norms = clip_per_sample([p.grad_sample for p in self.params],
-                                                         self.settings.max_grad_norm)
+            clipped, self.sample_norms = clip_per_sample(self._grad_samples(), self.settings.max_grad_norm)
             for acc, g in zip(summed, clipped):
                 acc += g.sum(dim=0)
             total += losses.sum().item()
@@ -164,6 +163,16 @@ class PrivateTraining:
             noise = torch.normal(0.0, std, acc.shape, generator=self.generator).to(acc.device, acc.dtype)
             p.grad = (acc + noise) / size
         return total / size
+
+    def _grad_samples(self) -> list[torch.Tensor]:
+        missing = [n for n, p in zip(self.names, self.params) if getattr(p, "grad_sample", None) is None]
+        if missing:  # its module's hooks never fired (a layer type Opacus cannot follow)
+            self._clear()
+            self.hooks._close()
+            raise ValueError(f"training.privacy: Opacus computed no per-sample gradient for {missing[0]} (a layer "
+                             f"its hooks cannot follow); adapt only linear layers (target_modules) or turn "
+                             f"training.privacy off")
+        return [p.grad_sample for p in self.params]
 
     def _clear(self) -> None:
         for p in self.params:
