@@ -233,6 +233,20 @@ def test_epsilon_is_recorded_and_searched_in_a_real_run(corpora, tmp_path):
         assert child["objectives"]["epsilon"] > epsilon(child["curve"]["privacy"]["history"][-1:], 1e-5)
 
 
+def test_successive_halving_counts_every_step_of_a_private_training(corpora, tmp_path):
+    raw = private_experiment(corpora, tmp_path, halving={"rungs": 2, "reduction_factor": 2}, generations=0)
+    raw["search"]["space"]["max_steps"] = {"type": "int", "low": 4, "high": 8}
+    run_dir = tmp_path / "halving"
+    ContinualRun(parse_config(raw), run_dir, lambda: LocalExecutor(threads=1)).run()
+    records = read_jsonl(run_dir / "evaluations.jsonl")
+    promoted = [r for r in records if r["status"] == "ok" and not r["halted"]]
+    assert promoted and any(r["halted"] for r in records)
+    for r in records:  # the paused rung's steps and the resumed ones, in one history entry
+        assert r["curve"]["privacy"]["history"][-1][2] == r["steps"] == r["curve"]["steps"]
+    for r in promoted:
+        assert r["steps"] == r["values"]["max_steps"]
+
+
 def test_epsilon_on_ray_equals_local(corpora, tmp_path, ray_session):
     from evolm.executor import RayExecutor
 
