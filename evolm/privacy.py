@@ -23,11 +23,12 @@ and composed with its own steps, so the child's ε covers its whole training. q 
 with ``replay_ratio`` each batch draws from two pools (the stage's rows and the replay buffer), and q
 is the larger of the two rates, so ε covers every row the adapter trained on.
 
-What ε does not cover, honestly: batches are drawn uniformly with replacement at a fixed size, while
-the RDP analysis assumes Poisson sampling at rate q (as most DP-SGD code, Opacus's own examples
-without ``DPDataLoader`` included, the accountant is used as if it were). ε is per evaluation: the
-search itself (many evaluations on the same data, the choice of a winner by validation loss, a merge
-of several winners, the stages before) is not accounted.
+What ε does not cover, honestly: batches are drawn uniformly with replacement at a fixed size (the
+training loop's sampler, shared with non-private training), while the RDP analysis assumes Poisson
+sampling at rate q (Opacus's ``make_private`` samples so by default): ε is the accountant's value at
+that rate, an approximation the analysis does not formally cover. ε is per evaluation: the search
+itself (many evaluations on the same data, the choice of a winner by validation loss, a merge of
+several winners, the stages before) is not accounted.
 """
 from __future__ import annotations
 
@@ -137,15 +138,15 @@ class PrivateTraining:
     def backward(self, model, batch, device: torch.device, parts: int) -> float:
         """Forward and backward of one batch (in ``parts`` micro-batches), each sample's gradient
         clipped, their sum noised and divided by the batch size into ``.grad``; the batch's mean loss."""
-        from evolm.train import _autocast
-
         inputs = batch if isinstance(batch, dict) else {"input_ids": batch, "labels": batch}
         size = len(inputs["labels"])
         summed = [torch.zeros_like(p) for p in self.params]
         total = 0.0
         for rows in torch.tensor_split(torch.arange(size), min(max(1, parts), size)):
             chunk = {k: v[rows.to(v.device)] for k, v in inputs.items()}
-            with _autocast(device), warnings.catch_warnings():
+            # no autocast (unlike ``_backward``): Opacus's hooks then see each LoRA layer's own dtype, as on
+            # a CPU, where a bfloat16 base with float32 adapters is tested; untested under GPU autocast
+            with warnings.catch_warnings():
                 # the embeddings are frozen, so the first hooked module's inputs need no gradient
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 losses = per_sample_losses(model, chunk)

@@ -142,6 +142,14 @@ def test_a_private_evaluation_records_the_accountants_epsilon(base, blocks):
     assert not any(hasattr(p, "grad_sample") for p in base.parameters())  # the hooks went with the adapter
 
 
+def test_with_replay_epsilon_covers_the_replayed_rows_too(base, blocks):
+    replay = np.random.default_rng(1).integers(VOCAB, size=(6, BLOCK))  # a small buffer: its rows are drawn often
+    result = evaluate_genome(base, blocks | {"replay": replay}, HP | {"replay_ratio": 0.25}, 3, TRAINING, CPU)
+    assert result["curve"]["privacy"]["sample_rate"] == pytest.approx(1 / 6)  # one replay row of 4, of 6
+    alone = evaluate_genome(base, blocks, HP, 3, TRAINING, CPU)
+    assert result["objectives"]["epsilon"] > alone["objectives"]["epsilon"]
+
+
 def test_private_training_is_deterministic_and_resumes_exactly(base, blocks):
     whole = evaluate_genome(base, blocks, HP, 5, TRAINING, CPU)
     again = evaluate_genome(base, blocks, HP, 5, TRAINING, CPU)
@@ -186,6 +194,14 @@ def test_private_training_on_a_llama(blocks):
     llama = build_model(BuildConfig(family="llama", n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB), VOCAB, BLOCK, seed=0)
     hp = HP | {"target_modules": ["q_proj", "v_proj", "down_proj"], "fan_in_fan_out": False}
     result = evaluate_genome(llama, blocks, hp, 0, TRAINING, CPU)
+    assert math.isfinite(result["objectives"]["val_loss"]) and result["objectives"]["epsilon"] > 0
+
+
+def test_private_training_on_a_bfloat16_base(base, blocks):
+    import copy
+
+    half = copy.deepcopy(base).to(torch.bfloat16)  # model.dtype: bfloat16; PEFT keeps the adapter in float32
+    result = evaluate_genome(half, blocks, HP, 0, TRAINING, CPU)
     assert math.isfinite(result["objectives"]["val_loss"]) and result["objectives"]["epsilon"] > 0
 
 
