@@ -400,8 +400,9 @@ class ExperimentConfig(Section):
         private, search = self.training.privacy is not None, self.search
         if not private:
             if "epsilon" in search.objectives:
-                raise ValueError("search.objectives: epsilon is the privacy spent by DP training, and training.privacy "
-                                 "is off; add training.privacy: {noise_multiplier: 1.0, max_grad_norm: 1.0} or drop epsilon")
+                raise ValueError("search.objectives: epsilon is the privacy spent by DP training, and "
+                                 "training.privacy is off; add training.privacy: {noise_multiplier: 1.0, "
+                                 "max_grad_norm: 1.0} or drop epsilon")
             if search.space.get("noise_multiplier") is not None:
                 raise ValueError("search.space.noise_multiplier: the DP noise only exists with training.privacy, which "
                                  "is off; add training.privacy: {max_grad_norm: 1.0} or remove the gene")

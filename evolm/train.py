@@ -210,8 +210,8 @@ def fine_tune(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.devi
     ``inherit`` (``{"adapter": arrays, "hp": parent hyperparameters}``): start from a parent's
     trained adapter instead of a fresh one (``evolm.inherit``); ``curve["inherited"]`` says what was
     taken. Its ``privacy`` (the parent's ``curve["privacy"]``): the parent's private trainings, which
-    the child's ε composes with its own. ``resume`` / ``stop_at``: see ``train_loop``. ``subspaces``: earlier stages' update
-    subspaces, for the ``orthogonality`` gene (``evolm.interference``).
+    the child's ε composes with its own. ``resume`` / ``stop_at``: see ``train_loop``. ``subspaces``:
+    earlier stages' update subspaces, for the ``orthogonality`` gene (``evolm.interference``).
     """
     from evolm.inherit import inherit_adapter
     from evolm.interference import OrthogonalityPenalty

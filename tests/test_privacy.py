@@ -159,7 +159,8 @@ def test_private_training_is_deterministic_and_resumes_exactly(base, blocks):
         for key, value in whole["adapter"].items():
             np.testing.assert_array_equal(other["adapter"][key], value)
         assert other["objectives"] == whole["objectives"]
-    assert paused["curve"]["privacy"]["history"][-1][2] == 2 and paused["objectives"]["epsilon"] < whole["objectives"]["epsilon"]
+    assert paused["curve"]["privacy"]["history"][-1][2] == 2
+    assert paused["objectives"]["epsilon"] < whole["objectives"]["epsilon"]
     assert resumed["steps"] == 6 and resumed["curve"]["privacy"]["history"] == whole["curve"]["privacy"]["history"]
     other_seed = evaluate_genome(base, blocks, HP, 6, TRAINING, CPU)
     assert any(not np.array_equal(other_seed["adapter"][k], v) for k, v in whole["adapter"].items())
@@ -191,7 +192,8 @@ def test_an_inheriting_child_accounts_its_parents_training(base, blocks):
 
 
 def test_private_training_on_a_llama(blocks):
-    llama = build_model(BuildConfig(family="llama", n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB), VOCAB, BLOCK, seed=0)
+    config = BuildConfig(family="llama", n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB)
+    llama = build_model(config, VOCAB, BLOCK, seed=0)
     hp = HP | {"target_modules": ["q_proj", "v_proj", "down_proj"], "fan_in_fan_out": False}
     result = evaluate_genome(llama, blocks, hp, 0, TRAINING, CPU)
     assert math.isfinite(result["objectives"]["val_loss"]) and result["objectives"]["epsilon"] > 0
