@@ -102,7 +102,7 @@ class ContinualRun:
         base.hold()
         self._save_model(0)
         write_samples(self.run_dir, base.model, base.tokenizer, cfg, 0, "base")
-        state.loss_matrix = [state.test_row(base.model)]
+        state.measure_row(0, base.model)
         write_loss_matrix(self.run_dir, cfg, state)
         return state
 
@@ -115,12 +115,13 @@ class ContinualRun:
         write_run_info(self.run_dir, self.config)
         self._write_resolved_config()
         state.loss_matrix = checkpoint["loss_matrix"]
+        state.accuracy_matrix = checkpoint.get("accuracy_matrix") or []
         state.summaries = [StageSummary.from_json(s) for s in checkpoint["summaries"]]
         for i, row in enumerate(state.loss_matrix):  # stages were appended: measure earlier models on them
             if len(row) < len(base.domains):
                 model, _ = load_model(str(self.run_dir / "models" / f"stage-{i}"), base.dtype)
                 model.to(base.device)
-                row += state.test_row(model, base.domains[len(row):])
+                state.measure_row(i, model, base.domains[len(row):])
         return state
 
     def _search_state(self, base) -> RunState:
@@ -218,7 +219,7 @@ class ContinualRun:
         write_schedule(self.run_dir, k, ledger, source_of(chosen.genomes[0], ledger))
         self._save_model(k)
         write_samples(self.run_dir, state.base.model, state.base.tokenizer, cfg, k, domain.name)
-        state.loss_matrix = state.loss_matrix[:k] + [state.test_row(state.base.model)]
+        state.measure_row(k, state.base.model)
         write_loss_matrix(self.run_dir, cfg, state)
         col, winner = state.base.n_base_domains + k - 1, chosen.genomes[0]
         merged = [source_of(g, ledger) for g in chosen.genomes]

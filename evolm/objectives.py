@@ -37,6 +37,31 @@ class EvalContext:
     adapter_params: int
     trained_ok: bool
     """False when training stopped on a non-finite loss: loss objectives are then NaN."""
+    _answers: list | None = None
+
+    def has(self, needs: str) -> bool:
+        """Whether this evaluation has what an objective needs: ``retention`` blocks, ``answers``
+        (answer-only Q&A validation rows) or ``classes`` (classification validation rows)."""
+        if needs == "retention":
+            return needs in self.blocks
+        names = self.blocks["validation"].dtype.names or ()
+        return {"answers": "labels", "classes": "label"}.get(needs) in names
+
+    def classes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted, true) classes of the validation rows, within ``training.eval_max_batches``."""
+        from evolm.classify import predictions
+
+        return predictions(self.model, self.blocks["validation"], self.training["eval_batch_size"],
+                           self.training["eval_max_batches"], self.device)
+
+    def answers(self) -> list:
+        """(generated, reference) answer tokens of the first ``training.eval_answer_examples`` validation rows."""
+        from evolm.answers import greedy_answers
+
+        if self._answers is None:
+            self._answers = greedy_answers(self.model, self.blocks["validation"],
+                                           self.training["eval_answer_examples"], self.device)
+        return self._answers
 
     def loss(self, split: str) -> float:
         """Mean next-token loss on ``blocks[split]``, within ``training.eval_max_batches``."""
@@ -54,7 +79,8 @@ class Objective:
     measure: Callable[[EvalContext], float]
     direction: str = "minimize"
     needs: str | None = None
-    """A block set the objective needs (``retention``); without it the objective is not measured."""
+    """What the objective needs (``EvalContext.has``: retention, answers, classes); an evaluation without
+    it does not measure it, and the search counts it as 0 there."""
 
     def __reduce__(self):
         # A user's function travels by value: a Ray worker need not be able to import its module
@@ -74,8 +100,40 @@ OBJECTIVES.register("val_loss", Objective("val_loss", lambda ctx: ctx.loss("vali
 OBJECTIVES.register("retention_loss", Objective("retention_loss", lambda ctx: ctx.loss("retention"),
                                                 needs="retention"))
 OBJECTIVES.register("adapter_params", Objective("adapter_params", lambda ctx: float(ctx.adapter_params)))
-ALWAYS_MEASURED = ("val_loss", "adapter_params", "retention_loss")
-"""Recorded for every evaluation (retention_loss where the stage has earlier domains), whatever the search uses."""
+def _accuracy(ctx: EvalContext) -> float:
+    predicted, true = ctx.classes()
+    return float((predicted == true).mean())
+
+
+def _macro_f1(ctx: EvalContext) -> float:
+    from evolm.classify import macro_f1
+
+    return macro_f1(*ctx.classes())
+
+
+def _answer_score(score_name: str):
+    def measure(ctx: EvalContext) -> float:
+        from evolm import answers
+
+        return getattr(answers, score_name)(ctx.answers()) if ctx.trained_ok else float("nan")
+    return measure
+
+
+OBJECTIVES.register("accuracy", Objective("accuracy", _accuracy, "maximize", needs="classes"))
+OBJECTIVES.register("macro_f1", Objective("macro_f1", _macro_f1, "maximize", needs="classes"))
+OBJECTIVES.register("exact_match", Objective("exact_match", _answer_score("exact_match"), "maximize", needs="answers"))
+OBJECTIVES.register("token_f1", Objective("token_f1", _answer_score("token_f1"), "maximize", needs="answers"))
+ALWAYS_MEASURED = ("val_loss", "adapter_params", "retention_loss", "accuracy", "macro_f1", "exact_match", "token_f1")
+"""Recorded for every evaluation where it applies (``Objective.needs``), whatever the search uses."""
+
+
+def fitness_value(measured: dict[str, float], name: str) -> float:
+    """An evaluation's value of objective ``name`` for the search: 0 where it does not apply (an
+    objective that needs what this stage lacks), so it does not rank that stage's genomes."""
+    entry = OBJECTIVES.get(name) if name in OBJECTIVES else None
+    if isinstance(entry, Objective) and entry.needs is not None:
+        return measured.get(name, 0.0)
+    return measured[name]
 
 
 def resolve_objective(name: str) -> Objective:
@@ -111,7 +169,7 @@ def measure_all(requested: list[Objective], ctx: EvalContext) -> dict[str, float
 
     wanted = [OBJECTIVES.get(n) for n in ALWAYS_MEASURED] + [o for o in requested if o.name not in ALWAYS_MEASURED]
     with torch.no_grad():
-        return {o.name: o.value(ctx) for o in wanted if o.needs is None or o.needs in ctx.blocks}
+        return {o.name: o.value(ctx) for o in wanted if o.needs is None or ctx.has(o.needs)}
 
 
 
