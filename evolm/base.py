@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ class Domain:
 
     name: str
     blocks: dict[str, np.ndarray]
+    validation: list = field(default_factory=list)
+    """The validation split's examples as read from the files, for the user's own objectives."""
 
 
 @dataclass
@@ -94,7 +96,8 @@ def tokenize_domains(config: ExperimentConfig, tokenizer, pretrain_docs, stage_d
     def tok(docs, where):
         return stage_data.tokenize_splits(docs, tokenizer, config.block_size, where, classes)
 
-    domains = [Domain(s.name, tok(d, f"stage '{s.name}'")) for s, d in zip(config.stages, stage_docs)]
+    domains = [Domain(s.name, tok(d, f"stage '{s.name}'"), list(d["validation"]))
+               for s, d in zip(config.stages, stage_docs)]
     if pretrain_docs:
         p = config.model.own_domain
         field = "model.pretrain" if config.model.pretrain else "model.domain"

@@ -98,9 +98,10 @@ class TrainingConfig(Section):
     eval_batch_size: int = Field(default=16, ge=1)
     eval_max_batches: int | None = Field(default=None, ge=1)
     """Cap on validation batches per evaluation (None: the whole validation split)."""
-    eval_answer_examples: int = Field(default=32, ge=1)
-    """Answer-only Q&A: validation examples answered by greedy generation per evaluation (exact_match,
-    token_f1)."""
+    eval_max_examples: int | None = Field(default=32, ge=1)
+    """Validation examples per evaluation for what is measured example by example: answer-only Q&A's
+    exact_match and token_f1 (greedy generation), and the examples (documents or records, as read)
+    given to your own objectives, the first this many (None: all)."""
     max_grad_norm: float = Field(default=1.0, gt=0)
     lr_scheduler_type: str = "linear"
     """transformers' learning-rate schedule over max_steps, warming up over warmup_ratio: linear,
@@ -200,11 +201,12 @@ class SearchConfig(Section):
 
     @field_validator("objectives")
     @classmethod
-    def _resolvable(cls, names: list[str]) -> list[str]:
+    def _resolvable(cls, names: list[str], info: ValidationInfo) -> list[str]:
         from evolm.objectives import resolve_objective
 
+        folder = (info.context or {}).get("base_dir")  # a module beside the experiment file is found
         for name in names:
-            resolve_objective(name)  # a ValueError says what is wrong with it
+            resolve_objective(name, None if folder is None else Path(folder))  # a ValueError says what is wrong
         return names
 
     @model_validator(mode="after")
@@ -334,6 +336,13 @@ class ExperimentConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     _defaulted: set = PrivateAttr(default_factory=set)
     """search.objectives / search.winner.rule when filled in by the defaults, not written by the user."""
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The experiment file's folder (a dict's: the current one), where own objectives' modules are
+        looked for; run.json keeps it for a resume."""
+        return self._source_dir
 
     def keep_search_of(self, run: "ExperimentConfig") -> "ExperimentConfig":
         """This config with ``run``'s objectives and winner rule where this one only took the defaults:

@@ -36,7 +36,7 @@ from evolm.genome import hyperparameters
 from evolm.ledger import StageLedger, repair_logs
 from evolm.models import (DTYPES, ModelPayload, family_and_layers, linear_layer_names, load_model, save_model,
                           uses_conv1d)
-from evolm.objectives import resolve_objective
+from evolm.objectives import resolve_objective, validation_examples
 from evolm.records import StageSummary
 from evolm.rundir import holds_a_run
 from evolm.reporting import LogReporter, Reporter
@@ -137,6 +137,8 @@ class ContinualRun:
         resolved = self.config.model_dump(mode="json")
         resolved["search"]["space"] = {k: g.model_dump(mode="json") for k, g in self.state.space.items()}
         resolved["training"] = self.state.training
+        # readers show a maximised objective un-negated (it is stored negated)
+        resolved["search"]["directions"] = {o: resolve_objective(o).direction for o in self.objectives}
         write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     # ----- the loop -----------------------------------------------------------------------
@@ -171,7 +173,8 @@ class ContinualRun:
             base_retention = state.eval_loss(state.base.model, blocks["retention"])
         self.executor.set_stage(StagePayload(f"{self.run_dir.resolve()}/stage-{k}", ModelPayload.of(state.base.model),
                                              blocks, state.training, [resolve_objective(o) for o in self.objectives],
-                                             self._update_subspaces(k)))
+                                             self._update_subspaces(k), state.base.tokenizer,
+                                             validation_examples(domain.validation, state.training)))
         hof = evo.hall_of_fame(max(10, cfg.merge.top_k)) if len(self.objectives) == 1 else evo.pareto_archive()
         if hof_items:
             hof.update([genome_from_state(d, evo.fitness_class) for d in hof_items])

@@ -170,6 +170,8 @@ def write_run_info(run_dir: Path, config: ExperimentConfig) -> None:
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {"created": time.time()}
     recorded = info.get("data", {})  # digests of the run's start win; only new files are hashed
+    if config.source_dir is not None:  # where a resume looks for the experiment's own objective modules
+        info.setdefault("experiment_dir", str(config.source_dir))
     info.update(evolm_version=__version__, pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                 data={str(p): sha256(p) for p in data_files(config) if str(p) not in recorded} | recorded)
     write_json(info_path, info)

@@ -232,14 +232,15 @@ def fine_tune(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.devi
 def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: int, training: dict,
                     device: torch.device, resume: dict | None = None, stop_at: int | None = None,
                     inherit: dict | None = None, objectives: list | None = None,
-                    subspaces: dict | None = None) -> dict:
+                    subspaces: dict | None = None, tokenizer=None, validation: list | None = None) -> dict:
     """One evaluation: fine-tune an adapter on ``base_model`` (in place, removed afterwards), then
     measure the objectives on validation splits.
 
     The adapter's weights come back as numpy arrays (small), so the driver can merge the winner
     without training it again. ``blocks["replay"]`` (optional): earlier stages' blocks to replay;
     ``blocks["retention"]`` (optional): earlier stages' validation blocks, for ``retention_loss``.
-    ``objectives``: ``evolm.objectives.Objective`` objects measured besides the built-in ones.
+    ``objectives``: ``evolm.objectives.Objective`` objects measured besides the built-in ones; they see
+    ``tokenizer`` and ``validation`` (the stage's validation examples as read).
     With ``stop_at`` below ``max_steps`` the result is a rung of successive halving: its ``state``
     lets a later call (``resume``) train on from there. ``steps``: steps this adapter has trained,
     earlier rungs included (inherited training is not counted). ``merge_scale`` below 1 scales the
@@ -258,7 +259,8 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
         _scale_adapter(model, Hyperparameters.of(hp).merge_scale)
         adapter = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]))
+        ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]), tokenizer,
+                          validation or [])
         objectives = measure_all(objectives or [], ctx)
     return {"objectives": objectives, "curve": curve, "adapter": adapter,
             "adapter_params": n_params, "steps": curve["steps"], "state": state, "inherited": inherited,

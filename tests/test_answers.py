@@ -79,7 +79,7 @@ def test_token_f1_counts_shared_tokens():
 
 
 def test_answer_objectives_are_measured_on_qa_stages_only(base):
-    training = {"eval_batch_size": 8, "eval_max_batches": 1, "eval_answer_examples": 3}
+    training = {"eval_batch_size": 8, "eval_max_batches": 1, "eval_max_examples": 3}
     qa = EvalContext(base.model, {"validation": base.domains[1].blocks["validation"]}, training, base.device, 0, True)
     text = EvalContext(base.model, {"validation": base.domains[0].blocks["validation"]}, training, base.device, 0, True)
     measured = measure_all([], qa)
@@ -102,7 +102,7 @@ def test_a_qa_run_records_answer_scores(corpora, tmp_path):
     from evolm.executor import LocalExecutor
 
     raw = tiny_experiment(corpora, tmp_path, training={"per_device_train_batch_size": 4, "eval_batch_size": 8,
-                                                       "eval_max_batches": 2, "eval_answer_examples": 4})
+                                                       "eval_max_batches": 2, "eval_max_examples": 4})
     raw["search"]["objectives"] = ["val_loss", "exact_match"]
     raw["stages"] = raw["stages"][1:]
     ContinualRun(parse_config(raw), tmp_path / "run", lambda: LocalExecutor(threads=1)).run()
