@@ -126,7 +126,8 @@ class Objective:
         """The measured number in evolm's direction (lower is better); a user's objective that raises
         or returns a non-number raises ``ObjectiveFailed`` naming it and the fix."""
         if self.builtin:  # evolm's own: its exceptions (a GPU out of memory) reach the executor as they are
-            return float(self.measure(ctx))
+            raw = float(self.measure(ctx))
+            return -raw if self.direction == "maximize" else raw
         if not ctx.trained_ok:  # a diverged model: the loss says why the evaluation failed
             return float("nan")
         try:
