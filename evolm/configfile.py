@@ -61,7 +61,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
 
 def parse_config(raw: dict, base_dir: Path = Path("."), source: str = "config") -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(raw, context={"base_dir": base_dir})
+        config = ExperimentConfig.model_validate(raw, context={"base_dir": base_dir})
+        config._source_dir = Path(base_dir).resolve()
+        return config
     except ValidationError as exc:
         message = "; ".join(_describe(e) for e in exc.errors())
     except OSError as exc:  # a path the OS will not even look up (a name too long): no field to name

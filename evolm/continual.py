@@ -36,7 +36,7 @@ from evolm.genome import hyperparameters
 from evolm.ledger import StageLedger, repair_logs
 from evolm.models import (DTYPES, ModelPayload, family_and_layers, linear_layer_names, load_model, save_model,
                           uses_conv1d)
-from evolm.objectives import resolve_objective
+from evolm.objectives import resolve_objective, validation_examples
 from evolm.records import StageSummary
 from evolm.rundir import holds_a_run
 from evolm.reporting import LogReporter, Reporter
@@ -102,7 +102,7 @@ class ContinualRun:
         base.hold()
         self._save_model(0)
         write_samples(self.run_dir, base.model, base.tokenizer, cfg, 0, "base")
-        state.loss_matrix = [state.test_row(base.model)]
+        state.measure_row(0, base.model)
         write_loss_matrix(self.run_dir, cfg, state)
         return state
 
@@ -115,12 +115,13 @@ class ContinualRun:
         write_run_info(self.run_dir, self.config)
         self._write_resolved_config()
         state.loss_matrix = checkpoint["loss_matrix"]
+        state.accuracy_matrix = checkpoint.get("accuracy_matrix") or []
         state.summaries = [StageSummary.from_json(s) for s in checkpoint["summaries"]]
         for i, row in enumerate(state.loss_matrix):  # stages were appended: measure earlier models on them
             if len(row) < len(base.domains):
                 model, _ = load_model(str(self.run_dir / "models" / f"stage-{i}"), base.dtype)
                 model.to(base.device)
-                row += state.test_row(model, base.domains[len(row):])
+                state.measure_row(i, model, base.domains[len(row):])
         return state
 
     def _search_state(self, base) -> RunState:
@@ -136,6 +137,8 @@ class ContinualRun:
         resolved = self.config.model_dump(mode="json")
         resolved["search"]["space"] = {k: g.model_dump(mode="json") for k, g in self.state.space.items()}
         resolved["training"] = self.state.training
+        # readers show a maximised objective un-negated (it is stored negated)
+        resolved["search"]["directions"] = {o: resolve_objective(o).direction for o in self.objectives}
         write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     # ----- the loop -----------------------------------------------------------------------
@@ -170,7 +173,8 @@ class ContinualRun:
             base_retention = state.eval_loss(state.base.model, blocks["retention"])
         self.executor.set_stage(StagePayload(f"{self.run_dir.resolve()}/stage-{k}", ModelPayload.of(state.base.model),
                                              blocks, state.training, [resolve_objective(o) for o in self.objectives],
-                                             self._update_subspaces(k)))
+                                             self._update_subspaces(k), state.base.tokenizer,
+                                             validation_examples(domain.validation, state.training)))
         hof = evo.hall_of_fame(max(10, cfg.merge.top_k)) if len(self.objectives) == 1 else evo.pareto_archive()
         if hof_items:
             hof.update([genome_from_state(d, evo.fitness_class) for d in hof_items])
@@ -218,7 +222,7 @@ class ContinualRun:
         write_schedule(self.run_dir, k, ledger, source_of(chosen.genomes[0], ledger))
         self._save_model(k)
         write_samples(self.run_dir, state.base.model, state.base.tokenizer, cfg, k, domain.name)
-        state.loss_matrix = state.loss_matrix[:k] + [state.test_row(state.base.model)]
+        state.measure_row(k, state.base.model)
         write_loss_matrix(self.run_dir, cfg, state)
         col, winner = state.base.n_base_domains + k - 1, chosen.genomes[0]
         merged = [source_of(g, ledger) for g in chosen.genomes]

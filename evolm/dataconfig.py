@@ -13,9 +13,10 @@ from evolm.configsection import Section
 
 
 class DataSource(Section):
-    format: Literal["text", "jsonl", "qa"] = "text"
+    format: Literal["text", "jsonl", "qa", "classification"] = "text"
     """text: documents separated by blank lines; jsonl: one JSON object per line (``text_field``);
-    qa: JSON lines with question/answer fields turned into text by ``template``."""
+    qa: JSON lines with question/answer fields turned into text by ``template``; classification:
+    JSON lines with a text (``text_field``) and a class (``label_field``)."""
     train: Path | None = None
     """Training file (or the only file, when validation/test are derived from it)."""
     documents: list[str] | None = None
@@ -27,8 +28,16 @@ class DataSource(Section):
     """Test file (never used for selection); derived deterministically from ``train`` when left out."""
     text_field: str = "text"
     """jsonl: the field that holds the text."""
+    label_field: str = "label"
+    """classification: the field that holds the class (any JSON scalar, compared as text)."""
     template: str = "Question: {question}\nAnswer: {answer}"
     """qa: how a record becomes text; ``{field}`` placeholders name record fields."""
+    answer_field: str = "answer"
+    """qa: the record field that is the answer; with ``loss_on: answer`` the template must end with
+    its placeholder, and everything before it is the prompt."""
+    loss_on: Literal["answer", "all"] = "answer"
+    """qa: answer: the loss is taken on the answer's tokens only (the prompt is masked), one example
+    per row; all: the whole text is a document, packed like text."""
     validation_fraction: float = Field(default=0.05, gt=0, lt=0.5)
     """Share of documents held out for validation when no validation file is given."""
     test_fraction: float = Field(default=0.05, gt=0, lt=0.5)
@@ -43,6 +52,20 @@ class DataSource(Section):
         if self.documents is not None and not any(d.strip() for d in self.documents if isinstance(d, str)):
             raise ValueError("documents is empty (or only whitespace); give some text")
         return self
+
+    @model_validator(mode="after")
+    def _answer_at_the_end(self):
+        if self.format == "qa" and self.loss_on == "answer":
+            placeholder = "{" + self.answer_field + "}"
+            if not self.template.rstrip().endswith(placeholder):
+                raise ValueError(f"template must end with {placeholder} when loss_on is answer (the prompt is "
+                                 f"what comes before it); fix the template, set answer_field, or set loss_on: all")
+        return self
+
+    @property
+    def answer_only(self) -> bool:
+        """Q&A rows whose loss is on the answer alone."""
+        return self.format == "qa" and self.loss_on == "answer"
 
     @field_validator("train", "validation", "test")
     @classmethod

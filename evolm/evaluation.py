@@ -17,6 +17,7 @@ from evolm.jsonfiles import append_jsonl
 from evolm.executor import EvalRequest
 from evolm.genome import Genome, evaluation_seed, hyperparameters
 from evolm.ledger import StageLedger
+from evolm.objectives import fitness_value
 from evolm.records import EvaluationRecord
 from evolm.registry import SCHEDULERS
 from evolm import schedulers as _schedulers  # noqa: F401  (fills SCHEDULERS)
@@ -98,8 +99,7 @@ class GenerationEvaluator:
     def _assign(self, gen: int, genomes: list[Genome], result: dict) -> None:
         """Fitness from ``result``; one record per genome per generation, unless the ledger has it."""
         ok = result["status"] == "ok"
-        values = tuple((result["objectives"].get(o, 0.0) if o == "retention_loss" else result["objectives"][o])
-                       if ok else float("inf") for o in self.objectives)
+        values = tuple(fitness_value(result["objectives"], o) if ok else float("inf") for o in self.objectives)
         for g in genomes:
             g.fitness.values = values
             if (gen, g.id) in self.ledger.records:

@@ -22,6 +22,7 @@ import torch
 from evolm.rayconfig import RayConfig
 from evolm.errors import ClusterError
 from evolm.models import ModelPayload
+from evolm.objectives import non_finite_error
 from evolm.registry import EXECUTORS
 from evolm.train import evaluate_genome, pick_device
 
@@ -98,6 +99,9 @@ class StagePayload:
     """``evolm.objectives.Objective`` objects to measure besides the built-in ones (run on the worker)."""
     subspaces: dict = field(default_factory=dict)
     """Earlier stages' update subspaces, for the ``orthogonality`` gene (``evolm.interference``)."""
+    tokenizer: object = None
+    validation: list = field(default_factory=list)
+    """The stage's validation examples as read (capped by ``training.eval_max_examples``), for user objectives."""
 
 
 class _StageRunner:
@@ -122,11 +126,11 @@ class _StageRunner:
         try:
             result = evaluate_genome(self.model, self.stage.blocks, request.hp, request.seed,
                                      self.stage.training, self.device, request.resume, request.stop_at,
-                                     request.inherit, self.stage.objectives, self.stage.subspaces)
-            bad = {k: v for k, v in result["objectives"].items() if not math.isfinite(v)}
-            if bad:
-                what = ", ".join(f"{k}={v}" for k, v in bad.items())
-                result.update(status="failed", error=f"non-finite validation loss ({what})", adapter=None, state=None)
+                                     request.inherit, self.stage.objectives, self.stage.subspaces,
+                                     self.stage.tokenizer, self.stage.validation)
+            error = non_finite_error(result["objectives"])
+            if error:
+                result.update(status="failed", error=error, adapter=None, state=None)
             else:
                 result["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure of one genome is recorded, not raised

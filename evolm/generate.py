@@ -51,16 +51,24 @@ def prompt_seed(run_seed: int, index: int) -> int:
 
 
 def write_samples(run_dir: Path, model, tokenizer, config, stage: int, stage_name: str) -> list[dict]:
-    """Sample every ``config.prompts`` from ``model`` and append them to ``run_dir/samples.jsonl``."""
+    """Sample every ``config.prompts`` from ``model`` and append them to ``run_dir/samples.jsonl``; a
+    classifier's sample is the class it gives the prompt (and its probability)."""
+    from evolm.models import is_classifier
+    from evolm.predict import predict_texts
+
     path = Path(run_dir) / "samples.jsonl"
     done = {(r.get("stage"), r.get("prompt")) for r in read_jsonl(path)}  # a resumed run samples a stage once
     records = []
     for i, prompt in enumerate(config.prompts):
         if (stage, prompt) in done:
             continue
-        text = generate_text(model, tokenizer, prompt, max_new_tokens=config.sample_max_new_tokens,
-                             seed=prompt_seed(config.seed, i))
-        record = {"stage": stage, "stage_name": stage_name, "prompt": prompt, "text": text}
+        record = {"stage": stage, "stage_name": stage_name, "prompt": prompt}
+        if is_classifier(model):
+            answer = predict_texts(model, tokenizer, [prompt], config.block_size)[0]
+            record |= {"text": answer["label"], "probability": answer["probability"]}
+        else:
+            record["text"] = generate_text(model, tokenizer, prompt, max_new_tokens=config.sample_max_new_tokens,
+                                           seed=prompt_seed(config.seed, i))
         append_jsonl(path, record)
         records.append(record)
     if records:

@@ -97,6 +97,8 @@ class Hyperparameters:
     """``training.privacy`` (noise_multiplier, max_grad_norm, delta): DP-SGD (``evolm.privacy``); None: off."""
     noise_multiplier: float | None = None
     """The gene of that name: the DP noise σ, over ``privacy["noise_multiplier"]``."""
+    task_type: str = "CAUSAL_LM"
+    """PEFT's task type: CAUSAL_LM, or SEQ_CLS (a classifier: its head is trained in full with the adapter)."""
 
     @classmethod
     def of(cls, hp: "Hyperparameters | dict[str, Any]") -> "Hyperparameters":
@@ -129,4 +131,4 @@ def lora_config(hp: Hyperparameters | dict[str, Any]):
     hp = Hyperparameters.of(hp)
     return LoraConfig(r=int(hp.r), lora_alpha=float(hp.lora_alpha), lora_dropout=float(hp.lora_dropout),
                       target_modules=list(hp.target_modules), layers_to_transform=hp.layers_to_transform,
-                      fan_in_fan_out=bool(hp.fan_in_fan_out), bias="none", task_type="CAUSAL_LM")
+                      fan_in_fan_out=bool(hp.fan_in_fan_out), bias="none", task_type=hp.task_type)

@@ -10,7 +10,8 @@ learn from scratch. For every adapted module the child shares with its parent:
 so the child's update ``s_child * B' A'`` equals the parent's (exactly, or its best rank-r_child
 approximation when the child's rank is smaller). A larger child keeps its fresh rows of A and
 zero columns of B beyond k, which add nothing until trained. Modules the parent did not adapt
-(other layers or target modules) keep the child's fresh initialisation.
+(other layers or target modules) keep the child's fresh initialisation. Modules trained in full
+(a classifier's head) are copied.
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def inherit_adapter(model, parent: dict[str, np.ndarray], parent_hp, child_hp) -
             shared += 1
         else:
             fresh += 1
+    for key in (k for k in child if ".lora_" not in k):  # trained in full: a classifier's head
+        if key in parent and parent[key].shape == child[key].shape:
+            new[key] = parent[key].copy()
+            shared += 1
     if new:
         loaded = set_peft_model_state_dict(model, {k: torch.from_numpy(v) for k, v in new.items()})
         if loaded.unexpected_keys:  # PEFT renamed something: say so instead of training from scratch silently

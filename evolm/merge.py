@@ -12,7 +12,8 @@ weights, keyed by the base parameter name, and are combined entry by entry:
     dare             drop entries at random, rescale the survivors by 1 / density, Σ_k w_k ΔW_k
     dare_ties        DARE's drop and rescale, then TIES's sign election and disjoint mean
 
-A key missing from an adapter (a module it does not adapt) counts as a zero delta. PEFT's
+A module trained in full with the adapter (a classifier's head, PEFT's ``modules_to_save``) has the
+delta W_trained − W_base. A key missing from an adapter (a module it does not adapt) counts as a zero delta. PEFT's
 ``add_weighted_adapter`` combines A and B separately, which is not a combination of the deltas
 and needs equal ranks; hence the dense deltas here.
 """
@@ -60,7 +61,14 @@ def lora_deltas(base_model, hp: dict, adapter: dict[str, np.ndarray]) -> dict[st
     params, hp = dict(base_model.named_parameters()), Hyperparameters.of(hp)
     scale = hp.scaling
     deltas = {}
-    for name, (a, b) in _lora_pairs(adapter).items():
+    lora = {k: v for k, v in adapter.items() if any(k.endswith(s) for s in _LORA_SUFFIXES)}
+    for key in adapter.keys() - lora.keys():  # trained in full (a classifier's head)
+        name = key.removeprefix(_PEFT_PREFIX)
+        if name not in params or tuple(np.shape(adapter[key])) != tuple(params[name].shape):
+            raise ValueError(f"adapter key '{key}' is neither a LoRA A/B weight nor a weight of the base model; "
+                             f"only LoRA on linear layers and whole modules can be merged as dense deltas")
+        deltas[name] = torch.as_tensor(np.asarray(adapter[key])).float() - params[name].detach().float().cpu()
+    for name, (a, b) in _lora_pairs(lora).items():
         if name not in params:
             raise ValueError(f"adapter module for '{name}' has no weight of that name in the base model")
         if a.shape[0] != int(hp.r) or b.shape[1] != int(hp.r):

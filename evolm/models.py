@@ -37,11 +37,39 @@ def train_tokenizer(texts: list[str], vocab_size: int):
                                    unk_token=EOS)
 
 
-def build_model(build: BuildConfig, vocab_size: int, block_size: int, seed: int):
-    """A freshly initialised causal LM of the given family (weights seeded)."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+def auto_class(classification: bool):
+    """transformers' auto class of a causal LM, or of a sequence classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if build.family == "gpt2":
+    return AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+
+
+def is_classifier(model_or_config) -> bool:
+    """Whether a model (or its config, or a config dict) is a sequence classifier."""
+    if isinstance(model_or_config, torch.nn.Module):
+        return type(model_or_config).__name__.endswith("ForSequenceClassification")
+    cfg = model_or_config
+    names = cfg.get("architectures") if isinstance(cfg, dict) else getattr(cfg, "architectures", None)
+    return any(str(n).endswith("ForSequenceClassification") for n in names or [])
+
+
+def label_config(classes: list[str]) -> dict:
+    """The config fields of a classifier over ``classes`` (saved with the model, read by ``evolm predict``)."""
+    return {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+            "label2id": {c: i for i, c in enumerate(classes)}}
+
+
+def build_model(build: BuildConfig, vocab_size: int, block_size: int, seed: int, classes: list[str] | None = None):
+    """A freshly initialised model of the given family (weights seeded): a causal LM, or a sequence
+    classifier over ``classes``."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if build.family == "bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=build.n_embd, num_hidden_layers=build.n_layer,
+                         num_attention_heads=build.n_head, intermediate_size=4 * build.n_embd,
+                         max_position_embeddings=block_size, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, pad_token_id=0)
+    elif build.family == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=build.n_embd,
                          n_layer=build.n_layer, n_head=build.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                          attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -50,8 +78,11 @@ def build_model(build: BuildConfig, vocab_size: int, block_size: int, seed: int)
                           num_hidden_layers=build.n_layer, num_attention_heads=build.n_head,
                           num_key_value_heads=build.n_head, max_position_embeddings=block_size,
                           tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if classes is not None:
+        cfg.update(label_config(classes))
+        cfg.architectures = [f"{type(cfg).__name__.removesuffix('Config')}ForSequenceClassification"]
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg)
+    return auto_class(classes is not None).from_config(cfg)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,25 +101,45 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """Model (in ``dtype``) and tokenizer from a local directory, or from the hub where the network allows."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, classes: list[str] | None = None,
+               seed: int = 0):
+    """Model (in ``dtype``) and tokenizer from a local directory, or from the hub where the network allows.
+
+    With ``classes``: a sequence classifier over them; a model without a classifier head (an encoder,
+    a causal LM) gets a new one, initialised from ``seed``. Without: a causal LM, or the classifier
+    the directory holds."""
+    from transformers import AutoConfig, AutoTokenizer
 
     local = Path(name_or_path).expanduser()
     looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not (local / "config.json").is_file():
         raise ModelError(f"model.name_or_path: {local} is not a model directory (no config.json); "
                          f"give a directory saved with save_pretrained or a hub id")
+    where = str(local) if looks_local else name_or_path
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
+        saved = AutoConfig.from_pretrained(where)
+        classify = classes is not None or is_classifier(saved)
+        extra = {}
+        if classes is not None:
+            if is_classifier(saved) and saved.num_labels != len(classes):
+                raise ModelError(f"model.name_or_path: its classifier has {saved.num_labels} classes, the data "
+                                 f"has {len(classes)}; use a model without a classifier head (it gets a new one) "
+                                 f"or data with its classes")
+            extra = label_config(classes)
+            torch.manual_seed(seed)  # a new head's weights
+        model = auto_class(classify).from_pretrained(where, dtype=dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as exc:
         hint = " (HF_HUB_OFFLINE is set: use a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ModelError(f"model.name_or_path: cannot load '{name_or_path}'{hint}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:  # an encoder's end of text
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.eos_token_id is None:
         raise ModelError(f"model.name_or_path: the tokenizer of '{name_or_path}' has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if classify and model.config.pad_token_id is None:  # a decoder classifier finds each row's end by it
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
@@ -140,15 +191,16 @@ class ModelPayload:
     def of(cls, model) -> "ModelPayload":
         state = model.state_dict()
         buffers = {k: _to_numpy(v) for k, v in model.named_buffers(remove_duplicate=False) if k not in state}
-        return cls(model.config.to_dict(), {k: _to_numpy(v) for k, v in state.items()}, buffers)
+        config = model.config.to_dict() | {"architectures": [type(model).__name__]}  # what to rebuild
+        return cls(config, {k: _to_numpy(v) for k, v in state.items()}, buffers)
 
     def build(self):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         cfg = dict(self.config)
         cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+            model = auto_class(is_classifier(cfg)).from_config(cfg)
         state = {k: _from_numpy(v) for k, v in self.weights.items()}
         model.load_state_dict(state, assign=True, strict=True)
         for name, value in self.buffers.items():

@@ -64,21 +64,24 @@ def generation_keys(run: RunRecords) -> list[tuple[int, int]]:
 
 
 def fitness_series(run: RunRecords) -> dict:
-    """best / median / worst val_loss per generation (None where unknown); a generation without a
-    generations.jsonl line yet is ``partial``: its values come from the evaluations done so far."""
+    """best / median / worst of the first objective per generation (None where unknown), as people
+    read it (a maximised one un-negated); a generation without a generations.jsonl line yet is
+    ``partial``: its values come from the evaluations done so far."""
     keys, logged = generation_keys(run), {(g.stage, g.generation): g for g in run.generations}
-    series = {"x": list(range(len(keys))), "keys": keys, "best": [], "median": [], "worst": [], "partial": []}
+    first = run.objectives()[0]
+    series = {"x": list(range(len(keys))), "keys": keys, "objective": first, "best": [], "median": [],
+              "worst": [], "partial": []}
     for key in keys:
         if key in logged:
             g = logged[key]
             stats = {"best": g.best, "median": g.median, "worst": g.worst}
         else:
             losses = sorted(v for e in run.evaluations if (e.stage, e.generation) == key
-                            if (v := e.val_loss) is not None)
+                            if (v := e.objective(first)) is not None)
             stats = ({"best": losses[0], "median": statistics.median(losses), "worst": losses[-1]} if losses
                      else {"best": None, "median": None, "worst": None})
         for s, v in stats.items():
-            series[s].append(v if isinstance(v, (int, float)) else None)
+            series[s].append(run.natural(first, v) if isinstance(v, (int, float)) else None)
         series["partial"].append(key not in logged)
     index = {k: i for i, k in enumerate(keys)}
     series["failed"] = [(index[(e.stage, e.generation)], e.genome_id, e.error)
@@ -121,7 +124,7 @@ def plot_fitness(run: RunRecords, out: Path) -> Plot:
     _mark_stages(ax, s["stages"], len(s["x"]))
     ax.set_xticks(s["x"], [str(g) for _, g in s["keys"]])
     ax.set_xlabel("generation (within stage)")
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel("validation loss" if s["objective"] == "val_loss" else _axis_label(run, s["objective"]))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.suptitle(f"{run.name}: fitness per generation", fontsize=11)
@@ -261,25 +264,31 @@ def plot_lineage(run: RunRecords, stage: int, out: Path) -> Plot | None:
 
 def plot_pareto(run: RunRecords, stage: int, out: Path) -> Plot | None:
     """Only for runs that search two or more objectives (the first two are drawn)."""
-    names = list((run.config.get("search") or {}).get("objectives") or ["val_loss"])[:2]
+    names = run.objectives()[:2]
     if len(names) < 2:
         return None
     points = [(x, y) for e in run.evaluated() if e.stage == stage
               if (x := e.objective(names[0])) is not None and (y := e.objective(names[1])) is not None]
     if not points:
         return None
-    front = pareto_front(points)
+    front = pareto_front(points)  # on the stored values: every objective minimised
+    shown = [(run.natural(names[0], x), run.natural(names[1], y)) for x, y in points]  # as people read them
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
-    ax.scatter(*zip(*points), s=18, color="0.6", label="evaluations")
-    fx = sorted(points[i] for i in front)
+    ax.scatter(*zip(*shown), s=18, color="0.6", label="evaluations")
+    fx = sorted(shown[i] for i in front)
     ax.plot(*zip(*fx), color="tab:red", marker="o", label="Pareto front")
-    ax.set_xlabel(names[0])
-    ax.set_ylabel(names[1])
+    ax.set_xlabel(_axis_label(run, names[0]))
+    ax.set_ylabel(_axis_label(run, names[1]))
     ax.legend(fontsize=8)
     fig.suptitle(f"{run.name} stage {stage}: objectives", fontsize=10)
     fig.tight_layout()
-    return Plot(_save(fig, out / f"pareto_stage{stage}.png"), {"objectives": names, "points": points, "front": front})
+    return Plot(_save(fig, out / f"pareto_stage{stage}.png"),
+                {"objectives": names, "points": points, "shown": shown, "front": front})
+
+
+def _axis_label(run: RunRecords, name: str) -> str:
+    return f"{name} ({'higher' if run.direction(name) == 'maximize' else 'lower'} is better)"
 
 
 def plot_importance(run: RunRecords, out: Path) -> Plot | None:

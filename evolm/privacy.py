@@ -42,6 +42,7 @@ import torch
 
 from evolm.genome import Hyperparameters
 from evolm.replay import replay_counts
+from evolm.rows import model_inputs
 
 DEFAULT_DELTA = 1e-5
 
@@ -94,8 +95,12 @@ def clip_per_sample(grad_samples: list[torch.Tensor], max_norm: float) -> tuple[
 
 
 def per_sample_losses(model, inputs: dict) -> torch.Tensor:
-    """Each sample's mean next-token loss (labels of -100 ignored): the batch's loss is their mean."""
+    """Each sample's loss: its mean next-token loss (labels of -100 ignored), or a classifier's
+    cross-entropy on its class; the batch's loss is their mean."""
     labels = inputs["labels"]
+    if labels.dim() == 1:  # one class per row
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].float()
     targets = labels[:, 1:]
     tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
@@ -138,7 +143,7 @@ class PrivateTraining:
     def backward(self, model, batch, device: torch.device, parts: int) -> float:
         """Forward and backward of one batch (in ``parts`` micro-batches), each sample's gradient
         clipped, their sum noised and divided by the batch size into ``.grad``; the batch's mean loss."""
-        inputs = batch if isinstance(batch, dict) else {"input_ids": batch, "labels": batch}
+        inputs = batch if isinstance(batch, dict) else model_inputs(batch, device)
         size = len(inputs["labels"])
         summed = [torch.zeros_like(p) for p in self.params]
         total = 0.0

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from evolm import rows
+
 log = logging.getLogger(__name__)
 
 
@@ -33,17 +35,17 @@ class ReplayBuffer:
         Adding a stage name again replaces its sample in place.
         """
         blocks = np.asarray(blocks)
-        if blocks.ndim != 2:
-            raise ValueError(f"replay blocks of '{stage_name}' must be a 2-D (n, block_size) array; "
-                             f"got shape {blocks.shape}")
+        if blocks.ndim != (2 if blocks.dtype.names is None else 1):
+            raise ValueError(f"replay blocks of '{stage_name}' must be a 2-D (n, block_size) array or "
+                             f"labelled rows (evolm.rows); got shape {blocks.shape}")
         width = self.block_size
-        if width is not None and blocks.shape[1] != width:
-            raise ValueError(f"replay blocks of '{stage_name}' have block_size {blocks.shape[1]} but the "
+        if width is not None and rows.width(blocks) != width:
+            raise ValueError(f"replay blocks of '{stage_name}' have block_size {rows.width(blocks)} but the "
                              f"buffer holds blocks of {width}")
         if len(blocks) > self.max_blocks_per_stage:
             rng = np.random.default_rng(_stage_seed(self.seed, stage_name))
-            rows = np.sort(rng.permutation(len(blocks))[: self.max_blocks_per_stage])
-            kept = blocks[rows].copy()
+            chosen = np.sort(rng.permutation(len(blocks))[: self.max_blocks_per_stage])
+            kept = blocks[chosen].copy()
         else:
             kept = blocks.copy()
         self._stages[stage_name] = kept
@@ -54,7 +56,7 @@ class ReplayBuffer:
         """All buffered blocks, stage after stage in the order they were first added."""
         if not self._stages:
             return np.zeros((0, 0), dtype=np.int32)
-        return np.concatenate(list(self._stages.values()))
+        return rows.concat(list(self._stages.values()))
 
     @property
     def stages(self) -> list[str]:
@@ -62,7 +64,7 @@ class ReplayBuffer:
 
     @property
     def block_size(self) -> int | None:
-        return next((b.shape[1] for b in self._stages.values()), None)
+        return next((rows.width(b) for b in self._stages.values()), None)
 
     def __len__(self) -> int:
         return sum(len(b) for b in self._stages.values())
@@ -112,8 +114,8 @@ def replay_mix(blocks: np.ndarray, replay: np.ndarray | None, replay_ratio: floa
     replayed (no replay blocks or a zero ratio): then training samples ``blocks`` alone, as before."""
     if replay is None or len(replay) == 0 or not replay_ratio > 0:
         return None
-    if replay.ndim != 2 or replay.shape[1] != blocks.shape[1]:
-        raise ValueError(f"replay blocks {replay.shape} do not match the training blocks {blocks.shape} "
-                         f"(same block_size needed)")
-    pool = np.concatenate([blocks, replay.astype(blocks.dtype, copy=False)])
+    mismatch = rows.same_kind(blocks, replay)
+    if mismatch:
+        raise ValueError(f"replay blocks do not match the training blocks ({mismatch}; same block_size needed)")
+    pool = rows.concat([blocks, replay])
     return pool, mix_batch_indices(len(blocks), len(replay), batch_size, replay_ratio, steps, seed)

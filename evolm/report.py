@@ -90,28 +90,39 @@ def _experiment(run: RunRecords) -> str:
             f"{datetime.now():%Y-%m-%d %H:%M} from {_e(run.path)}</p>" + _table([], rows))
 
 
+def _other_objectives(run: RunRecords) -> list[str]:
+    """The searched objectives besides val_loss (which has its own column), with their headers."""
+    return [n for n in run.objectives() if n != "val_loss"]
+
+
+def _objective_header(run: RunRecords, name: str) -> str:
+    return f"{name} ({'higher' if run.direction(name) == 'maximize' else 'lower'} is better)"
+
+
 def _stages(run: RunRecords) -> str:
-    rows, evaluated = [], run.evaluated()
+    rows, evaluated, others = [], run.evaluated(), _other_objectives(run)
     for k, name in run.stage_names().items():
         s = run.summary_of(k)
         evals = [e for e in evaluated if e.stage == k]
         if s:
             rows.append([_td(k), _td(name), _td(f"{_num(s.start_loss)} → {_num(s.end_loss)}", "num"),
-                         f"<td><code>{_e(s.winner_id or '?')}</code></td>", _td(_num(s.winner_val_loss), "num"),
-                         f"<td><code>{_e(genome_text(s.winner.get('values')))}</code></td>",
-                         _td(len(evals), "num"), _td(f"{s.seconds or 0:.0f} s", "num")])
+                         f"<td><code>{_e(s.winner_id or '?')}</code></td>", _td(_num(s.winner_val_loss), "num")]
+                        + [_td(_num(run.natural(o, (s.winner_objectives or {}).get(o))), "num") for o in others]
+                        + [f"<td><code>{_e(genome_text(s.winner.get('values')))}</code></td>",
+                           _td(len(evals), "num"), _td(f"{s.seconds or 0:.0f} s", "num")])
         else:
             gens = [g for g in run.generations if g.stage == k]
             seconds = sum(g.seconds or 0 for g in gens)
-            rows.append([_td(k), _td(name), _td("not merged", "muted"), _td(""), _td(""),
-                         _td(f"{len(gens)} generation(s) logged"), _td(len(evals), "num"),
-                         _td(f"{seconds:.0f} s", "num")])
-    header = ["stage", "name", "test loss start → end", "winner", "val_loss", "winner genome", "evaluations", "time"]
+            rows.append([_td(k), _td(name), _td("not merged", "muted"), _td(""), _td("")] + [_td("") for _ in others]
+                        + [_td(f"{len(gens)} generation(s) logged"), _td(len(evals), "num"),
+                           _td(f"{seconds:.0f} s", "num")])
+    header = (["stage", "name", "test loss start → end", "winner", "val_loss"]
+              + [_objective_header(run, o) for o in others] + ["winner genome", "evaluations", "time"])
     return "<h2>Stages</h2>" + _table(header, rows)
 
 
 def _figures(run: RunRecords, plots: dict) -> str:
-    captions = {"fitness": "Best / median / worst validation loss of each generation's population; "
+    captions = {"fitness": "Best / median / worst first objective of each generation's population; "
                            "red x: failed evaluations; hollow circles: a generation still in progress.",
                 "genes": "Gene values of each generation's population: numeric genes as points, categorical "
                          "genes as shares, layer masks as the share of genomes adapting each block.",
@@ -162,13 +173,16 @@ def _top_genomes(run: RunRecords) -> str:
             if key not in seen:
                 seen.add(key)
                 best.append(e)
-        rows = [[f"<td><code>{_e(e.genome_id)}</code></td>", _td(e.generation, "num"),
-                 _td(_num(e.val_loss), "num"), f"<td><code>{_e(genome_text(e.values))}</code></td>",
-                 _td("; ".join(e.ops or [])), _td(f"{e.seconds or 0:.1f} s", "num")]
+        others = _other_objectives(run)
+        rows = [[f"<td><code>{_e(e.genome_id)}</code></td>", _td(e.generation, "num"), _td(_num(e.val_loss), "num")]
+                + [_td(_num(run.natural(o, e.objective(o))), "num") for o in others]
+                + [f"<td><code>{_e(genome_text(e.values))}</code></td>",
+                   _td("; ".join(e.ops or [])), _td(f"{e.seconds or 0:.1f} s", "num")]
                 for e in best[:TOP_GENOMES]]
         if rows:
             out.append(f"<h3>Stage {k}: {_e(name)}</h3>"
-                       + _table(["genome", "gen", "val_loss", "values", "made by", "time"], rows))
+                       + _table(["genome", "gen", "val_loss"] + [_objective_header(run, o) for o in others]
+                                + ["values", "made by", "time"], rows))
     return "\n".join(out)
 
 

@@ -146,6 +146,21 @@ class RunRecords:
                 found.append(int(suffix))
         return sorted(found)
 
+    def objectives(self) -> list[str]:
+        """The objectives the run searched, in order (config.yaml)."""
+        names = _dict(self.config.get("search")).get("objectives")
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) and names else ["val_loss"]
+
+    def natural(self, name: str, value: float | None) -> float | None:
+        """An objective's value as people read it: a maximised one un-negated (records store it negated,
+        evolm minimising everything; config.yaml's ``search.directions`` says which)."""
+        directions = _dict(_dict(self.config.get("search")).get("directions"))
+        return -value if value is not None and directions.get(name) == "maximize" else value
+
+    def direction(self, name: str) -> str:
+        directions = _dict(_dict(self.config.get("search")).get("directions"))
+        return "maximize" if directions.get(name) == "maximize" else "minimize"
+
     def workers(self) -> int:
         """Evaluations that could run at once: the config's ray.num_workers, else the workers seen."""
         n = _dict(self.config.get("ray")).get("num_workers")

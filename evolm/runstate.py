@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from evolm import __version__
-from evolm.base import Base, test_losses
+from evolm import __version__, rows
+from evolm.base import Base, test_accuracies, test_losses
 from evolm.checkpoint import lists_to_tuples, restore_global_rng, tuples_to_lists
 from evolm.jsonfiles import write_json
 from evolm.config import ExperimentConfig
 from evolm.errors import RunDirError
 from evolm.evolution import Evolution
 from evolm.genome import Genome
-from evolm.metrics import summarize
+from evolm.metrics import accuracy_summary, summarize
 from evolm.records import StageSummary
 from evolm.replay import ReplayBuffer
 
@@ -40,6 +40,8 @@ class RunState:
     """``training`` as every evaluation sees it (``searchspace.training_defaults``)."""
     loss_matrix: list[list[float]] = field(default_factory=list)
     """Row i: test losses of the model after stage i (row 0: the base) on every domain."""
+    accuracy_matrix: list[list[float]] = field(default_factory=list)
+    """A classifier's test accuracies, rows and columns as ``loss_matrix``; empty for a causal LM."""
     summaries: list[StageSummary] = field(default_factory=list)
     replay: ReplayBuffer | None = None
     elapsed_before: float = 0.0
@@ -65,13 +67,23 @@ class RunState:
     def retention_blocks(self, k: int) -> np.ndarray:
         """Validation blocks of every domain before stage k, in equal shares within the evaluation cap."""
         parts = list(self.retention_parts(k).values())
-        return np.concatenate(parts) if parts else self.base.stage_domain(k).blocks["validation"][:0]
+        return rows.concat(parts) if parts else self.base.stage_domain(k).blocks["validation"][:0]
 
     def domain_losses(self, model, parts: dict[str, np.ndarray]) -> dict[str, float]:
         return {name: self.eval_loss(model, blocks) for name, blocks in parts.items()}
 
-    def test_row(self, model, domains=None) -> list[float]:
-        return test_losses(model, self.base.domains if domains is None else domains, self.training["eval_batch_size"])
+    def measure_row(self, k: int, model, domains=None) -> None:
+        """Row k of the loss matrix (and of a classifier's accuracy matrix): ``model``, the model after
+        stage k, on every domain; with ``domains``, row k is extended by those (appended stages)."""
+        bs = self.training["eval_batch_size"]
+        tables = [(self.loss_matrix, test_losses)] + ([(self.accuracy_matrix, test_accuracies)] if self.base.classes else [])
+        for table, measure in tables:
+            row = measure(model, self.base.domains if domains is None else domains, bs)
+            if domains is None:  # a re-measured row replaces itself and what followed it
+                del table[k:]
+                table.append(row)
+            else:
+                table[k] = table[k] + row
 
 
 def fill_replay(config: ExperimentConfig, base: Base, first_stage: int) -> ReplayBuffer:
@@ -92,8 +104,12 @@ def write_loss_matrix(run_dir: Path, config: ExperimentConfig, state: RunState) 
     learned_at = [0] * n_base + [k if k < rows_done else None for k in range(1, len(config.stages) + 1)]
     matrix = {"columns": [d.name for d in state.base.domains], "rows": rows, "matrix": state.loss_matrix,
               "split": "test", "learned_at": learned_at}
+    metrics = summarize(matrix, learned_at)
+    if state.accuracy_matrix:
+        matrix["accuracy"] = state.accuracy_matrix
+        metrics |= accuracy_summary(state.accuracy_matrix, learned_at)
     write_json(run_dir / "loss_matrix.json", matrix)
-    write_json(run_dir / "metrics.json", summarize(matrix, learned_at))
+    write_json(run_dir / "metrics.json", metrics)
 
 
 # ----- checkpoints ----------------------------------------------------------------------------
@@ -115,7 +131,7 @@ def checkpoint_state(state: RunState, config: ExperimentConfig, k: int, gen: int
     return {"stage": k, "generation": gen, "stage_done": gen is None,
             "population": [genome_state(g) for g in population], "hall_of_fame": [genome_state(g) for g in hof],
             "evolution_rng": tuples_to_lists(state.evolution.rng.getstate()),
-            "loss_matrix": state.loss_matrix, "summaries": [s.to_json() for s in state.summaries],
+            "loss_matrix": state.loss_matrix, "accuracy_matrix": state.accuracy_matrix, "summaries": [s.to_json() for s in state.summaries],
             "config_hash": config.hash(), "base_model": f"models/stage-{k if gen is None else k - 1}",
             "dtype": str(state.base.dtype).removeprefix("torch."),
             "elapsed": state.elapsed()}
@@ -154,6 +170,8 @@ def write_run_info(run_dir: Path, config: ExperimentConfig) -> None:
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {"created": time.time()}
     recorded = info.get("data", {})  # digests of the run's start win; only new files are hashed
+    if config.source_dir is not None:  # where a resume looks for the experiment's own objective modules
+        info.setdefault("experiment_dir", str(config.source_dir))
     info.update(evolm_version=__version__, pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                 data={str(p): sha256(p) for p in data_files(config) if str(p) not in recorded} | recorded)
     write_json(info_path, info)

@@ -141,6 +141,7 @@ def training_defaults(config: ExperimentConfig, family: str,
     elif linear_names is not None:
         check_modules(training["target_modules"], linear_names, family, "training.target_modules")
     training["fan_in_fan_out"] = family == "gpt2" if conv1d is None else conv1d
+    training["task_type"] = "SEQ_CLS" if config.classification else "CAUSAL_LM"
     return training
 
 

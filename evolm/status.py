@@ -32,6 +32,13 @@ def run_status(run_dir: Path) -> dict:
     for r in run.evaluations:
         if (loss := r.val_loss) is not None:
             best[r.stage_name] = min(loss, best.get(r.stage_name, float("inf")))
+    others: dict[str, dict[str, float]] = {}  # stage -> the best of each other searched objective, as people read it
+    for name in (n for n in run.objectives() if n != "val_loss"):
+        for r in run.evaluations:
+            if (v := r.objective(name)) is not None:
+                stage = others.setdefault(r.stage_name, {})
+                stage[name] = min(v, stage.get(name, float("inf")))
+    others = {s: {n: run.natural(n, v) for n, v in vals.items()} for s, vals in others.items()}
     checkpoint = run.checkpoint
     elapsed = checkpoint.elapsed if checkpoint.elapsed is not None else sum(g.seconds or 0 for g in run.generations)
     left = None if finished or not done else elapsed / done * max(0, planned - done)
@@ -42,7 +49,7 @@ def run_status(run_dir: Path) -> dict:
             "generation": last_gen.generation if last_gen else None,
             "diversity": last_gen.diversity if last_gen else None,
             "generations": _count(search, "generations"), "evaluations_done": done, "evaluations_planned": planned,
-            "failed": sum(not e.ok for e in evaluated), "best_val_loss": best,
+            "failed": sum(not e.ok for e in evaluated), "best_val_loss": best, "best_objectives": others,
             "steps_trained": sum(e.steps or 0 for e in evaluated),
             "halted": sum(1 for e in evaluated if e.halted),
             "elapsed_seconds": elapsed, "estimated_seconds_left": left,
@@ -67,7 +74,8 @@ def format_status(s: dict) -> str:
                  f", about {_hms(s['estimated_seconds_left'])} left" if s["estimated_seconds_left"] is not None else ""),
              f"checkpoint {s['checkpoint'] or 'none yet'}"]
     for name, loss in s["best_val_loss"].items():
-        lines.append(f"best       {name}: val_loss {loss:.4f}")
+        lines.append(f"best       {name}: val_loss {loss:.4f}"
+                     + "".join(f", {o} {v:.4f}" for o, v in (s.get("best_objectives") or {}).get(name, {}).items()))
     for m in s["merges"]:
         lines.append(f"merged     stage {m['stage']} {m['name']}: {m['method']} at strength {m['strength']}"
                      f" (of {m['points']} points scored)")

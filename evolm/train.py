@@ -18,6 +18,7 @@ import torch
 from evolm.genome import Hyperparameters, lora_config
 from evolm.privacy import private_training
 from evolm.replay import replay_mix
+from evolm.rows import IGNORE, model_inputs
 
 
 def pick_device(use_gpu: bool) -> torch.device:
@@ -48,23 +49,23 @@ def lr_schedule(hp, steps: int, optimizer):
                          num_training_steps=steps).lr_lambdas[0]
 
 
-def _backward(model, x: torch.Tensor, device: torch.device, parts: int) -> float:
-    """Forward and backward of one batch, in ``parts`` micro-batches (gradient accumulation: less
-    activation memory, the same gradient up to rounding); returns the batch's mean loss."""
+def _backward(model, batch: np.ndarray, device: torch.device, parts: int) -> float:
+    """Forward and backward of one batch of rows, in ``parts`` micro-batches (gradient accumulation:
+    less activation memory, the same gradient up to rounding); returns the batch's mean loss."""
     if parts <= 1:
         with _autocast(device):
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(**model_inputs(batch, device)).loss
         if math.isfinite(loss.item()):
             loss.backward()
         return loss.item()
     total = 0.0
-    for chunk in torch.tensor_split(x, min(parts, len(x))):
+    for chunk in np.array_split(batch, min(parts, len(batch))):
         with _autocast(device):
-            loss = model(input_ids=chunk, labels=chunk).loss
+            loss = model(**model_inputs(chunk, device)).loss
         if not math.isfinite(loss.item()):
             return loss.item()
-        (loss * (len(chunk) / len(x))).backward()
-        total += loss.item() * len(chunk) / len(x)
+        (loss * (len(chunk) / len(batch))).backward()
+        total += loss.item() * len(chunk) / len(batch)
     return total
 
 
@@ -92,10 +93,8 @@ def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int,
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=hp.weight_decay)
     schedule, parts = lr_schedule(hp, steps, optimizer), int(hp.gradient_accumulation_steps)
     generator = torch.Generator().manual_seed(seed)
-    data = torch.from_numpy(blocks.astype(np.int64))
     mix = replay_mix(blocks, replay, float(hp.replay_ratio), batch, steps, seed)  # None: no replay
-    if mix is not None:
-        data = torch.from_numpy(mix[0].astype(np.int64))
+    data = blocks if mix is None else mix[0]
     start, losses = 0, []
     if resume is not None:
         start, losses = _restore(resume, params, optimizer, generator, device)
@@ -104,8 +103,8 @@ def train_loop(model, blocks: np.ndarray, hp: Hyperparameters | dict, seed: int,
     backward = _backward if private is None else private.backward
     model.train()
     for step in range(start, stop):
-        idx = torch.randint(len(data), (batch,), generator=generator) if mix is None else torch.from_numpy(mix[1][step])
-        losses.append(backward(model, data[idx].to(device), device, parts))
+        idx = torch.randint(len(data), (batch,), generator=generator).numpy() if mix is None else mix[1][step]
+        losses.append(backward(model, data[idx], device, parts))
         if not math.isfinite(losses[-1]):
             break
         if penalty:
@@ -166,19 +165,27 @@ def _restore(state: dict, params: dict, optimizer, generator, device) -> tuple[i
 @torch.no_grad()
 def evaluate(model, blocks: np.ndarray, batch_size: int, max_batches: int | None = None,
              device: torch.device = torch.device("cpu")) -> float:
-    """Mean next-token loss over (the first ``max_batches`` batches of) ``blocks``."""
+    """Mean loss over (the first ``max_batches`` batches of) ``blocks``: next-token loss on token
+    blocks, on the labelled tokens of answer rows, cross-entropy on classification rows."""
     model.eval()
-    data = torch.from_numpy(blocks.astype(np.int64))
     total, count = 0.0, 0
-    for n, start in enumerate(range(0, len(data), batch_size)):
+    for n, start in enumerate(range(0, len(blocks), batch_size)):
         if max_batches is not None and n >= max_batches:
             break
-        x = data[start:start + batch_size].to(device)
+        batch = blocks[start:start + batch_size]
         with _autocast(device):
-            loss = model(input_ids=x, labels=x).loss
-        total += loss.item() * len(x)
-        count += len(x)
-    return total / count
+            loss = model(**model_inputs(batch, device)).loss
+        weight = _targets(batch)
+        total += loss.item() * weight
+        count += weight
+    return total / count if count else float("nan")
+
+
+def _targets(batch: np.ndarray) -> int:
+    """How many predictions a batch's mean loss averages over (rows, for token blocks: all alike)."""
+    if batch.dtype.names is None or "label" in batch.dtype.names:
+        return len(batch)
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 @contextmanager
@@ -194,10 +201,17 @@ def adapter_on(base_model, hp: dict, seed: int, device: torch.device):
     model = get_peft_model(base_model, lora_config(hp)).to(device)
     if hp.gradient_checkpointing:  # recompute activations in the backward pass: less memory
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Modules trained in full (a classifier's head) are wrapped; unload() would leave the trained copy
+    # in the base, so the base gets its own module back.
+    originals = [(name.removeprefix("base_model.model."), m.original_module) for name, m in model.named_modules()
+                 if hasattr(m, "original_module") and hasattr(m, "modules_to_save")]
     try:
         yield model
     finally:
         model.unload()
+        for path, original in originals:
+            parent, _, leaf = path.rpartition(".")
+            setattr(base_model.get_submodule(parent), leaf, original)
         if hp.gradient_checkpointing:
             base_model.gradient_checkpointing_disable()
 
@@ -231,14 +245,15 @@ def fine_tune(model, blocks: np.ndarray, hp: dict, seed: int, device: torch.devi
 def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: int, training: dict,
                     device: torch.device, resume: dict | None = None, stop_at: int | None = None,
                     inherit: dict | None = None, objectives: list | None = None,
-                    subspaces: dict | None = None) -> dict:
+                    subspaces: dict | None = None, tokenizer=None, validation: list | None = None) -> dict:
     """One evaluation: fine-tune an adapter on ``base_model`` (in place, removed afterwards), then
     measure the objectives on validation splits.
 
     The adapter's weights come back as numpy arrays (small), so the driver can merge the winner
     without training it again. ``blocks["replay"]`` (optional): earlier stages' blocks to replay;
     ``blocks["retention"]`` (optional): earlier stages' validation blocks, for ``retention_loss``.
-    ``objectives``: ``evolm.objectives.Objective`` objects measured besides the built-in ones.
+    ``objectives``: ``evolm.objectives.Objective`` objects measured besides the built-in ones; they see
+    ``tokenizer`` and ``validation`` (the stage's validation examples as read).
     With ``stop_at`` below ``max_steps`` the result is a rung of successive halving: its ``state``
     lets a later call (``resume``) train on from there. ``steps``: steps this adapter has trained,
     earlier rungs included (inherited training is not counted). ``merge_scale`` below 1 scales the
@@ -257,7 +272,8 @@ def evaluate_genome(base_model, blocks: dict[str, np.ndarray], hp: dict, seed: i
         _scale_adapter(model, Hyperparameters.of(hp).merge_scale)
         adapter = {k: v.detach().cpu().float().numpy() for k, v in get_peft_model_state_dict(model).items()}
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]), curve)
+        ctx = EvalContext(model, blocks, training, device, n_params, math.isfinite(curve["last"]), tokenizer,
+                          validation or [], curve)
         objectives = measure_all(objectives or [], ctx)
     return {"objectives": objectives, "curve": curve, "adapter": adapter,
             "adapter_params": n_params, "steps": curve["steps"], "state": state, "inherited": inherited,

@@ -108,3 +108,24 @@ def ray_init_calls(monkeypatch) -> list[dict]:
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
     return asked
+
+
+def write_labelled(corpora: Path, out: Path, stages: dict[str, list[str]], per_class: int = 120) -> dict[str, Path]:
+    """Classification stages from the stdlib corpora: a text's class is the corpus it came from
+    (prose, code, docstring, qa); each stage gets the classes listed for it."""
+    def texts(name):
+        path = corpora / name
+        if name.endswith(".jsonl"):
+            import json
+            return [" ".join(str(v) for v in json.loads(line).values()) for line in path.read_text().splitlines()]
+        return [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
+
+    kinds = {"prose": "general.txt", "code": "code.txt", "docstring": "docstrings.jsonl", "qa": "api_qa.jsonl"}
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for stage, labels in stages.items():
+        import json
+        lines = [json.dumps({"text": t[:300], "label": label}) for label in labels for t in texts(kinds[label])[:per_class]]
+        files[stage] = out / f"{stage}.jsonl"
+        files[stage].write_text("\n".join(lines) + "\n")
+    return files

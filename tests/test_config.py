@@ -27,7 +27,7 @@ def test_tiny_experiment_is_valid(corpora, tmp_path):
     (lambda r: r["search"].update(population_size=1), "search.population_size", "greater than or equal to 2"),
     (lambda r: r["stages"][1].update(train="missing.txt"), "stages[1].train", "file not found"),
     (lambda r: r["stages"][0].pop("name"), "stages[0].name", "missing"),
-    (lambda r: r["stages"][0].update(format="csvish"), "stages[0].format", "'text', 'jsonl' or 'qa'"),
+    (lambda r: r["stages"][0].update(format="csvish"), "stages[0].format", "'text', 'jsonl', 'qa' or 'classification'"),
     (lambda r: r["search"]["space"].update(r={"type": "int", "low": 9, "high": 2}), "search.space.r", "low must be <= high"),
     (lambda r: r["search"]["space"].update(learning_rate={"type": "log_uniform", "low": 0, "high": 1}),
      "search.space.learning_rate", "0 < low"),

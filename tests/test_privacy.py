@@ -73,7 +73,7 @@ def test_every_sample_gradient_is_clipped_before_the_sum(base, blocks):
 
         # Opacus's per-sample gradients in one pass equal the one-by-one ones, clipped, before the sum
         private = PrivateTraining(model, PrivacySettings(0.0, clip, 1e-5), 0.1, seed=0)
-        private.backward(model, batch, CPU, parts=2)  # two micro-batches: still per sample
+        private.backward(model, batch.numpy(), CPU, parts=2)  # two micro-batches: still per sample
         torch.testing.assert_close(private.sample_norms, norms[3:], rtol=1e-4, atol=1e-6)
         for p, g in zip(trainable(model), clipped):
             torch.testing.assert_close(p.grad, g.mean(dim=0), rtol=1e-4, atol=1e-7)
@@ -88,7 +88,7 @@ def test_noise_has_the_scale_of_noise_multiplier_times_clip_over_batch(base, blo
 
         def gradient(noise: float, seed: int) -> torch.Tensor:
             private = PrivateTraining(model, PrivacySettings(noise, clip, 1e-5), 0.1, seed)
-            private.backward(model, batch, CPU, parts=1)
+            private.backward(model, batch.numpy(), CPU, parts=1)
             private.finish(1)
             return torch.cat([p.grad.flatten() for p in trainable(model)])
 
@@ -197,6 +197,24 @@ def test_private_training_on_a_llama(blocks):
     hp = HP | {"target_modules": ["q_proj", "v_proj", "down_proj"], "fan_in_fan_out": False}
     result = evaluate_genome(llama, blocks, hp, 0, TRAINING, CPU)
     assert math.isfinite(result["objectives"]["val_loss"]) and result["objectives"]["epsilon"] > 0
+
+
+def test_private_training_of_a_classifier_clips_per_example(blocks):
+    """Classification rows: one cross-entropy per example; the private head and adapter train, ε is recorded."""
+    from evolm import rows
+
+    model = build_model(BuildConfig(family="bert", n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB), VOCAB, BLOCK,
+                        seed=0, classes=["a", "b", "c"])
+    labelled = np.zeros(40, dtype=rows.class_dtype(BLOCK))
+    labelled["input_ids"], labelled["attention_mask"] = blocks["train"], 1
+    labelled["label"] = np.arange(40) % 3
+    hp = HP | {"target_modules": ["query", "value"], "fan_in_fan_out": False, "task_type": "SEQ_CLS"}
+    head = model.classifier.weight.detach().clone()
+    result = evaluate_genome(model, {"train": labelled, "validation": labelled[:16]}, hp, 0, TRAINING, CPU)
+    assert math.isfinite(result["objectives"]["val_loss"]) and result["objectives"]["epsilon"] > 0
+    trained_head = next(v for k, v in result["adapter"].items() if "classifier" in k and k.endswith("weight"))
+    assert not np.allclose(trained_head, head.numpy())  # the head trained privately too
+    assert torch.equal(model.classifier.weight, head)  # and the base's own head is untouched
 
 
 def test_private_training_on_a_bfloat16_base(base, blocks):
