@@ -2,8 +2,8 @@
 
 Scores are on tokens (no tokenizer needed on a worker): ``exact_match`` is 1 when the generated
 tokens equal the answer's, ``token_f1`` the F1 of their token multisets (SQuAD's F1, over the model's
-tokens instead of words). Generation stops at EOS or after the answer's length plus one token, which
-is enough to tell an exact match and bounds the cost.
+tokens instead of words). Each answer is read up to EOS within the answer's length plus one token,
+which is enough to tell an exact match and bounds the cost; prompts are answered in batches.
 """
 from __future__ import annotations
 
@@ -24,18 +24,39 @@ def split_row(row) -> tuple[list[int], list[int], int]:
 
 
 @torch.no_grad()
-def greedy_answers(model, rows: np.ndarray, limit: int | None,
-                   device: torch.device = torch.device("cpu")) -> list[tuple[list[int], list[int]]]:
-    """(generated, reference) answer tokens of the first ``limit`` rows."""
+def greedy_answers(model, rows: np.ndarray, limit: int | None, device: torch.device = torch.device("cpu"),
+                   batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
+    """(generated, reference) answer tokens of the first ``limit`` rows, prompts generated from in
+    batches (left-padded, so every prompt ends where generation starts)."""
+    from evolm.generate import _context_length
+
     model.eval()
+    split = [split_row(row) for row in rows[:limit]]
+    context = _context_length(model)
     pairs = []
-    for row in rows[:limit]:
-        prompt, answer, eos_id = split_row(row)
-        x = torch.tensor([prompt], dtype=torch.long, device=device)
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=len(answer) + 1,
-                             do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id)
-        generated = out[0, len(prompt):].tolist()
-        pairs.append((generated[: generated.index(eos_id)] if eos_id in generated else generated, answer))
+    for start in range(0, len(split), batch_size):
+        pairs += _answer_batch(model, split[start:start + batch_size], context, device)
+    return pairs
+
+
+def _answer_batch(model, chunk: list, context: int | None, device) -> list[tuple[list[int], list[int]]]:
+    width = max(len(prompt) for prompt, _, _ in chunk)
+    new = max(len(answer) for _, answer, _ in chunk) + 1
+    if context is not None and width + new > context and len(chunk) > 1:  # the longest prompt and the longest
+        half = len(chunk) // 2                                          # answer would not fit together
+        return _answer_batch(model, chunk[:half], context, device) + _answer_batch(model, chunk[half:], context, device)
+    eos = chunk[0][2]
+    ids = torch.full((len(chunk), width), eos, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, (prompt, _, _) in enumerate(chunk):
+        ids[i, width - len(prompt):] = torch.tensor(prompt)
+        mask[i, width - len(prompt):] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                         do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    pairs = []
+    for row_out, (_, answer, row_eos) in zip(out[:, width:].tolist(), chunk):
+        generated = row_out[: len(answer) + 1]  # the answer's length and one more decide a match
+        pairs.append((generated[: generated.index(row_eos)] if row_eos in generated else generated, answer))
     return pairs
 
 

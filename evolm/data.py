@@ -166,7 +166,7 @@ def answer_rows(examples: list[dict], tokenizer, block_size: int, where: str) ->
         raise DataError(f"{where}: no example fits a row of block_size={block_size} with its answer; "
                         f"raise block_size or shorten the answers")
     if len(kept) < len(examples):
-        log.warning("%s: %d of %d examples skipped (answer too long for block_size=%d)",
+        log.info("%s: %d of %d examples skipped (answer too long for block_size=%d)",
                     where, len(examples) - len(kept), len(examples), block_size)
     out = np.zeros(len(kept), dtype=rows.answer_dtype(block_size))
     out["input_ids"], out["labels"] = pad, rows.IGNORE
