@@ -69,6 +69,7 @@ class EvalContext:
     curve: dict | None = None
     """The training curve's summary (``epsilon`` there when it trained with ``training.privacy``)."""
     _answers: list | None = None
+    _classes: tuple | None = None
 
     def has(self, needs: str) -> bool:
         """Whether this evaluation has what an objective needs: ``retention`` blocks, ``epsilon`` (a private training's), ``answers``
@@ -84,8 +85,10 @@ class EvalContext:
         """(predicted, true) classes of the validation rows, within ``training.eval_max_batches``."""
         from evolm.classify import predictions
 
-        return predictions(self.model, self.blocks["validation"], self.training["eval_batch_size"],
-                           self.training["eval_max_batches"], self.device)
+        if self._classes is None:  # accuracy and macro_f1 share one pass
+            self._classes = predictions(self.model, self.blocks["validation"], self.training["eval_batch_size"],
+                                        self.training["eval_max_batches"], self.device)
+        return self._classes
 
     def answers(self) -> list:
         """(generated, reference) answer tokens of the first ``training.eval_max_examples`` validation rows."""
