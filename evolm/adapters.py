@@ -31,9 +31,13 @@ def export_peft_adapter(directory: Path, hp: dict, adapter: dict[str, np.ndarray
     shutil.rmtree(tmp, ignore_errors=True)
     config = lora_config(hp)
     config.base_model_name_or_path = str(Path(base_dir).resolve())
-    config.save_pretrained(str(tmp))
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapter.items()},
-              str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    try:
+        config.save_pretrained(str(tmp))
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapter.items()},
+                  str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: half an export must not keep the space
+        raise
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
 

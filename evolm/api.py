@@ -52,13 +52,13 @@ def run(config: ExperimentConfig | dict | str | Path, run_dir: str | Path | None
     """Run an experiment from the beginning; returns one ``StageSummary`` per stage.
     ``run_dir``: where the run writes (default: a new folder under ``config.output_dir``)."""
     from evolm.continual import ContinualRun
-
+    from evolm.diskfull import stop_when_disk_full
     from evolm.runlock import run_lock
 
     config = as_config(config)
     run_dir = new_run_dir(config) if run_dir is None else Path(run_dir)
     make_executor = _executor_factory(config, executor, ray_address)
-    with run_lock(run_dir):  # held until the run ends: a second run or resume here is refused
+    with run_lock(run_dir), stop_when_disk_full(run_dir):  # the lock: a second run or resume here is refused
         return ContinualRun(config, run_dir, make_executor, reporter).run()
 
 
@@ -68,14 +68,14 @@ def resume(run_dir: str | Path, *, experiment: ExperimentConfig | dict | str | P
     """Continue a run from its newest checkpoint. ``experiment``: an extended version of the run's
     experiment (more generations, stages appended); any other change is refused."""
     from evolm.continual import ContinualRun
-
+    from evolm.diskfull import stop_when_disk_full
     from evolm.runlock import run_lock
 
     config = resume_config(run_dir, experiment)
     if workers is not None:
         config = config.model_copy(update={"ray": config.ray.model_copy(update={"num_workers": workers})})
     make_executor = _executor_factory(config, executor, ray_address)
-    with run_lock(run_dir):  # held until the run ends: a second run or resume here is refused
+    with run_lock(run_dir), stop_when_disk_full(run_dir):  # the lock: a second run or resume here is refused
         return ContinualRun(config, Path(run_dir), make_executor, reporter).resume()
 
 

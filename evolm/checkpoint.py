@@ -7,7 +7,6 @@ the newest checkpoint that is whole, and says so. JSON and safetensors only, no 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -43,16 +42,14 @@ def save_checkpoint(run_dir: Path, tag: str, state: dict, keep_last: int) -> Pat
 
     import numpy as np
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(exist_ok=True)
     np_state = np.random.get_state()
     state = dict(state, global_rng={"python": tuples_to_lists(random.getstate()),
                                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})
-    rng_tmp = folder / f".{tag}.rng.safetensors.tmp"
-    save_file({"torch": torch.get_rng_state()}, str(rng_tmp))
-    os.replace(rng_tmp, folder / f"{tag}.rng.safetensors")
+    write_atomic(folder / f"{tag}.rng.safetensors", save({"torch": torch.get_rng_state()}))
     body = json.dumps(jsonable(state), sort_keys=True)
     digest = hashlib.sha256(body.encode()).hexdigest()
     path = folder / f"{tag}.json"

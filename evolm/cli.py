@@ -222,11 +222,12 @@ def cmd_run(args) -> int:
     overrides = _execution_overrides(args)
     if args.seed is not None:
         overrides["seed"] = args.seed
+    from evolm.diskfull import stop_when_disk_full
     from evolm.runlock import run_lock
 
     config = evolm.api.as_config(args.experiment, overrides)
     run_dir = evolm.api.new_run_dir(config, args.name)
-    with run_lock(run_dir):  # before the reporter: tracking writes into the run directory
+    with stop_when_disk_full(run_dir), run_lock(run_dir):  # before the reporter: tracking writes into the run dir
         print(f"run {run_dir.name}: {len(config.stages)} stages, population {config.search.population_size}, "
               f"{config.search.generations} generations, results in {run_dir}", flush=True)
         _quiet_libraries()
@@ -239,11 +240,11 @@ def cmd_run(args) -> int:
 
 def cmd_resume(args) -> int:
     import evolm
-
+    from evolm.diskfull import stop_when_disk_full
     from evolm.runlock import run_lock
 
     config = evolm.api.resume_config(args.run_dir, args.experiment)
-    with run_lock(args.run_dir):  # before the reporter: tracking writes into the run directory
+    with stop_when_disk_full(args.run_dir), run_lock(args.run_dir):  # before the reporter: tracking writes there
         print(f"resuming {args.run_dir}", flush=True)
         _quiet_libraries()
         summaries = evolm.resume(args.run_dir, experiment=config, executor="local" if args.no_ray else "ray",

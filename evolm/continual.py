@@ -252,6 +252,10 @@ class ContinualRun:
         """Write to a temporary folder, then swap it in: a kill never leaves half a model."""
         final, tmp = self.run_dir / "models" / f"stage-{k}", self.run_dir / "models" / f".stage-{k}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(self.state.base.model, self.state.base.tokenizer, tmp)
+        try:
+            save_model(self.state.base.model, self.state.base.tokenizer, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk: half a model must not keep the space
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

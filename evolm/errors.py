@@ -23,3 +23,7 @@ class RunDirError(EvolmError):
 
 class ClusterError(EvolmError):
     """The Ray cluster cannot be reached or went away."""
+
+
+class DiskFullError(EvolmError):
+    """The disk (or the quota) filled up while the run wrote; the run can be resumed once there is space."""

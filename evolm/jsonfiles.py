@@ -1,10 +1,13 @@
 """JSON files of a run: atomic writes and append-only JSON-lines logs.
 
 Every file is written to a temporary name, fsynced, then renamed, so a crash leaves either the
-old or the new file, never half of one. JSON only: a results directory is safe to open.
+old or the new file, never half of one; a write that fails (a full disk) removes its temporary file,
+and a log line that could not be written whole is taken back. Safetensors files are written here
+too, as bytes. JSON only: a results directory is safe to open.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,14 +31,24 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """``path`` holds ``data`` (text as UTF-8), or, if writing fails, what it held before."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data.encode("utf-8") if isinstance(data, str) else data)
+            os.fsync(fd)  # a full disk may only say so here
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # half a file must neither replace the good one nor hold the space that is short
+        if isinstance(exc, OSError):
+            exc.filename = str(path)  # the file the run was writing, not its temporary name
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -43,10 +56,28 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One line appended and fsynced; if it cannot be written whole, the log is cut back to its last
+    whole line, so a resumed run finds no torn record."""
+    data = (json.dumps(jsonable(record), sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            exc.filename = str(path)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def read_jsonl(path: Path) -> list[dict]:

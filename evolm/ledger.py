@@ -9,13 +9,12 @@ training state the same way.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from evolm.jsonfiles import read_jsonl, write_atomic
 from evolm.genome import canonical_json
@@ -90,9 +89,7 @@ class StageLedger:
 
 def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(arrays, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, save(arrays))  # the bytes written here, so a full disk is an OSError naming the file
 
 
 def repair_logs(run_dir: Path, state: dict | None) -> None:

@@ -1,11 +1,7 @@
 """Exact resume: a run killed with SIGKILL at several points and resumed ends exactly where the
 uninterrupted run does, and no finished evaluation is run twice."""
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 
 import numpy as np
@@ -14,6 +10,7 @@ from safetensors.numpy import load_file
 
 from evolm.checkpoint import latest_checkpoint, tag_order
 from evolm.jsonfiles import read_jsonl
+from tests.cli_runs import env, evolm_cmd, kill_when, lines, run_to_end
 from tests.conftest import ROOT, tiny_experiment, write_experiment
 
 
@@ -25,34 +22,6 @@ def experiment(corpora, tmp_path):
     return write_experiment(tmp_path / "exp.yaml", raw)
 
 
-def evolm_cmd(*args):
-    return [sys.executable, "-m", "evolm.cli", *map(str, args)]
-
-
-def env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
-
-
-def run_to_end(*args):
-    done = subprocess.run(evolm_cmd(*args), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def kill_when(args, condition, timeout=300):
-    """Start ``evolm`` and SIGKILL it as soon as ``condition()`` holds; True if it was killed."""
-    proc = subprocess.Popen(evolm_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=ROOT)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if condition():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.01)
-    proc.wait()
-    return False
-
-
 def outcome(run_dir):
     """What must not depend on interruptions: genomes, objectives, final weights, loss matrix."""
     evals = sorted((r["stage"], r["generation"], r["genome_id"], json.dumps(r["values"], sort_keys=True),
@@ -61,10 +30,6 @@ def outcome(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     return evals, weights, json.loads((run_dir / "loss_matrix.json").read_text())["matrix"], \
         [(s["winner"]["id"], s["winner"]["values"]) for s in summary["stages"]]
-
-
-def lines(path, **match):
-    return [r for r in read_jsonl(path) if all(r.get(k) == v for k, v in match.items())]
 
 
 @pytest.fixture(scope="module")
