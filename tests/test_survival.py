@@ -98,6 +98,7 @@ def here(exp: Path, tmp_path: Path) -> Path:
     """The experiment with its results under this test's folder."""
     import yaml
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return write_experiment(tmp_path / exp.name, yaml.safe_load(exp.read_text()) | {"output_dir": str(tmp_path)})
 
 
