@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from evolm import safenames
+from evolm.diskfull import raise_naming
 
 
 def export_peft_adapter(directory: Path, hp: dict, adapter: dict[str, np.ndarray], base_dir: Path) -> None:
@@ -35,8 +36,9 @@ def export_peft_adapter(directory: Path, hp: dict, adapter: dict[str, np.ndarray
         config.save_pretrained(str(tmp))
         save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapter.items()},
                   str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: half an export must not keep the space
+        raise_naming(directory, exc)
         raise
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)

@@ -27,6 +27,7 @@ from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint
 from evolm.interference import stage_subspaces
 from evolm.jsonfiles import append_jsonl, write_atomic, write_json
 from evolm.config import ExperimentConfig
+from evolm.diskfull import raise_naming
 from evolm.errors import RunDirError
 from evolm.evaluation import GenerationEvaluator
 from evolm.evolution import Evolution
@@ -254,8 +255,9 @@ class ContinualRun:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             save_model(self.state.base.model, self.state.base.tokenizer, tmp)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk: half a model must not keep the space
+            raise_naming(final, exc)
             raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from evolm.diskfull import no_space
 from evolm.rayconfig import RayConfig
 from evolm.errors import ClusterError
 from evolm.models import ModelPayload
@@ -134,6 +135,8 @@ class _StageRunner:
             else:
                 result["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure of one genome is recorded, not raised
+            if no_space(exc):  # the machine's disk, not the genome: the run stops and is resumed
+                raise
             if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
                 torch.cuda.empty_cache()
             result = {"status": "failed", **_failure(exc), "objectives": {}, "adapter": None}
@@ -343,6 +346,8 @@ class RayExecutor:
                 cause = exc
                 while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(cause.cause, BaseException):
                     cause = cause.cause
+                if no_space(cause):  # a worker's disk filled up: stop, nothing recorded as failed
+                    raise cause from None
                 failure = _failure(cause, re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
                 failure["error"] = f"worker failed: {failure['error']}"
             return {"status": "failed", **failure, "objectives": {},

@@ -273,6 +273,28 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_exactly(runs, tmp_p
     assert_nothing_done_twice(run_dir)
 
 
+def fills_the_disk(ctx):
+    """An objective whose scratch file meets a full disk: the machine's problem, not the genome's."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/scratch/objective.cache")
+
+
+def test_a_full_disk_inside_an_evaluation_stops_the_run_and_fails_no_genome(corpora, tmp_path):
+    import evolm
+    from evolm.errors import DiskFullError
+
+    raw = one_stage_experiment(corpora, tmp_path)
+    raw["search"]["objectives"] = ["val_loss", "fills_the_disk"]
+    evolm.OBJECTIVES.register("fills_the_disk", fills_the_disk)
+    try:
+        with pytest.raises(DiskFullError) as stopped:
+            evolm.run(raw, tmp_path / "run", executor="local")
+    finally:
+        evolm.OBJECTIVES._entries.pop("fills_the_disk")
+    assert str(stopped.value) == ("no space left on device writing /scratch/objective.cache (the files written before "
+                                  f"are whole); free space and run evolm resume {tmp_path / 'run'}")
+    assert not read_jsonl(tmp_path / "run" / "evaluations.jsonl"), "a genome was recorded as failed"
+
+
 # ----- two runs at once ----------------------------------------------------------------------------------
 
 def test_two_runs_at_once_each_with_its_own_ray_end_as_alone(runs, tmp_path):
