@@ -56,7 +56,8 @@ def outcome(run_dir: Path) -> dict:
     weights = {f"{m.name}/{k}": v for m in sorted((run_dir / "models").glob("stage-*"))
                for k, v in load_file(str(m / "model.safetensors")).items()}
     summary = json.loads((run_dir / "summary.json").read_text())
-    curve = [(p["stage"], p["strength"], p["val_loss"], p["retention_loss"]) for p in read_jsonl(run_dir / "merge_curve.jsonl")]
+    curve = [(p["stage"], p["strength"], p["val_loss"], p["retention_loss"])
+             for p in read_jsonl(run_dir / "merge_curve.jsonl")]
     return {"evaluations": evals, "rungs": rungs, "weights": weights, "curve": curve,
             "loss_matrix": json.loads((run_dir / "loss_matrix.json").read_text())["matrix"],
             "winners": [(s["winner"]["id"], s["merge_strength"], s["merged"]) for s in summary["stages"]]}
@@ -71,9 +72,11 @@ def assert_same(got: dict, expected: dict) -> None:
 
 
 def assert_nothing_done_twice(run_dir: Path) -> None:
-    trained = Counter((r["stage"], r["result_of"]) for r in read_jsonl(run_dir / "evaluations.jsonl") if not r["cached"])
+    trained = Counter((r["stage"], r["result_of"])
+                      for r in read_jsonl(run_dir / "evaluations.jsonl") if not r["cached"])
     assert max(trained.values()) == 1, "a finished evaluation was trained twice"
-    rungs = Counter((r["stage"], r["generation"], r["genome_id"], r["rung"]) for r in read_jsonl(run_dir / "rungs.jsonl"))
+    rungs = Counter((r["stage"], r["generation"], r["genome_id"], r["rung"])
+                    for r in read_jsonl(run_dir / "rungs.jsonl"))
     assert not rungs or max(rungs.values()) == 1, "a finished rung was trained twice"
 
 
