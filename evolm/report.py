@@ -126,7 +126,9 @@ def _figures(run: RunRecords, plots: dict) -> str:
                            "red x: failed evaluations; hollow circles: a generation still in progress.",
                 "genes": "Gene values of each generation's population: numeric genes as points, categorical "
                          "genes as shares, layer masks as the share of genomes adapting each block.",
-                "importance": "Share of the validation-loss variance each gene explains, per stage.",
+                "importance": "Share of the validation-loss variance each gene explains, per stage: over all "
+                              "evaluations, and over fresh (a new adapter) and inherited (started from a "
+                              "parent's adapter) ones apart, where each has enough.",
                 "loss_matrix": "Test loss of the model after each stage (rows) on every domain (columns)."}
     out = ["<h2>Figures</h2>"]
     for name, plot in plots.items():
