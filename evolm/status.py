@@ -92,6 +92,9 @@ def format_status(s: dict) -> str:
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
         lines.append(f"metrics    average final test loss {fmt(m.get('average_final_loss'))}, mean forgetting "
                      f"{fmt(m.get('mean_forgetting'))}, backward transfer {fmt(m.get('backward_transfer'))}")
+        if isinstance(m.get("average_final_accuracy"), (int, float)):
+            lines.append(f"accuracy   average final test accuracy {m['average_final_accuracy']:.4f}, mean forgetting "
+                         f"{fmt(m.get('mean_accuracy_forgetting'))}")
     lines += [f"warning    {w}" for w in s["warnings"]]
     return "\n".join(lines)
 
