@@ -68,7 +68,7 @@ def experiment(path: Path, seed: int, out: Path) -> dict:
 def run_evolm(raw: dict, run_dir: Path, workers: int) -> dict:
     cfg = parse_config(raw)
     start = time.perf_counter()
-    ContinualRun(cfg, run_dir, lambda: RayExecutor(workers) if workers > 1 else LocalExecutor(threads=1)).run()
+    ContinualRun(cfg, run_dir, lambda: RayExecutor(cfg.ray, workers=workers) if workers > 1 else LocalExecutor(threads=1)).run()
     matrix = json.loads((run_dir / "loss_matrix.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"accuracy": matrix["accuracy"], "steps": [s["steps"] for s in summary["stages"]],

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evolm.base import load_base, prepare_base, test_losses  # noqa: E402
 from evolm.configfile import parse_config  # noqa: E402
 from evolm.continual import ContinualRun  # noqa: E402
-from evolm.data import read_documents  # noqa: E402
+from evolm.data import example_key, read_documents  # noqa: E402
 from evolm.executor import EvalRequest, LocalExecutor, RayExecutor, StagePayload  # noqa: E402
 from evolm.genome import evaluation_seed, hyperparameters  # noqa: E402
 from evolm.merge import merge_best  # noqa: E402
@@ -102,7 +102,7 @@ def joint_stage(raw: dict, out: Path) -> dict:
     with open(path, "w", encoding="utf-8") as f:
         for source in sources:
             for doc in read_documents(source, source.train):
-                f.write(json.dumps({"text": doc}) + "\n")
+                f.write(json.dumps({"text": example_key(doc)}) + "\n")  # Q&A as its whole text
     return {"name": "joint", "format": "jsonl", "train": str(path), "text_field": "text"}
 
 

@@ -200,8 +200,13 @@ def _reporter(config, run_dir: Path, args):
     """The console, wrapped by experiment tracking when the config turns it on."""
     from evolm.tracking import with_tracking
 
+    from evolm.objectives import resolve_objective
+
     workers = 1 if args.no_ray else config.ray.num_workers
-    return with_tracking(REPORTERS.get("console")(workers=workers), config, run_dir)
+    first = config.search.objectives[0]
+    console = REPORTERS.get("console")(workers=workers, objective=first,
+                                       maximize=resolve_objective(first).direction == "maximize")
+    return with_tracking(console, config, run_dir)
 
 
 def _execution_flags(parser) -> None:
@@ -286,10 +291,12 @@ def stage_table(summaries: list) -> str:
 class ConsoleReporter(Reporter):
     """Progress for people: a bar of evaluations in a terminal, plain lines in logs."""
 
-    def __init__(self, stream=sys.stdout, workers: int = 1):
+    def __init__(self, stream=sys.stdout, workers: int = 1, objective: str = "val_loss", maximize: bool = False):
         # A bar only when both streams are terminals: logs and pipes get plain lines, no control characters.
         self.stream, self.bar, self.tty = stream, None, stream.isatty() and sys.stderr.isatty()
         self.workers, self.busy = max(1, workers), 0.0
+        self.objective, self.maximize = objective, maximize
+        """The first objective, shown as measured (a maximised one is stored negated)."""
 
     def _line(self, text: str) -> None:
         if self.bar is not None:
@@ -318,9 +325,10 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        fmt = lambda x: "  n/a " if x is None else f"{x:.4f}"  # noqa: E731
+        fmt = lambda x: "  n/a " if x is None else f"{-x if self.maximize else x:.4f}"  # noqa: E731
         busy = utilisation(self.busy, r.seconds, self.workers)
-        self._line(f"stage {r.stage} {r.stage_name} gen {r.generation}: best {fmt(r.best)} "
+        name = "" if self.objective == "val_loss" else f"{self.objective} "
+        self._line(f"stage {r.stage} {r.stage_name} gen {r.generation}: {name}best {fmt(r.best)} "
                    f"median {fmt(r.median)} worst {fmt(r.worst)} | {r.evaluations} evals, "
                    f"{r.failed} failed, {r.seconds:.1f}s" + ("" if busy is None else f", workers busy {100 * busy:.0f}%")
                    + ("" if r.diversity is None else f", diversity {r.diversity:.2f}"))

@@ -203,6 +203,13 @@ class SearchConfig(Section):
     step_budget: int | None = Field(default=None, ge=1)
     """Training steps a stage's search may spend: a generation trains only the offspring whose steps
     start below it, so a stage ends within one evaluation's steps of it. None: ``generations`` decides."""
+    time_budget: float | None = Field(default=None, gt=0)
+    """Seconds a stage's search may take: no generation starts once the stage's generations took this
+    long (their recorded wall time; the merge and test measurements are not counted), so a stage ends
+    within one generation of it. None: no limit."""
+    run_time_budget: float | None = Field(default=None, gt=0)
+    """Seconds the whole run's searches may take: once spent, every later stage evaluates its starting
+    population only (generation 0) and merges its best. None: no limit."""
     inherit_weights: bool = True
     """A child starts from its best parent's trained adapter (resized by SVD when ranks differ)
     instead of a fresh one; only the steps it trains itself are counted. On by default: at equal

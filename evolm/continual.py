@@ -25,7 +25,7 @@ from evolm.adapters import export_stage_adapters
 from evolm.base import load_base, pretrain, with_fixed_threads
 from evolm.checkpoint import checkpoint_tag, latest_checkpoint, save_checkpoint
 from evolm.interference import stage_subspaces
-from evolm.jsonfiles import append_jsonl, write_atomic, write_json
+from evolm.jsonfiles import append_jsonl, read_jsonl, write_atomic, write_json
 from evolm.config import ExperimentConfig
 from evolm.diskfull import raise_naming
 from evolm.errors import RunDirError
@@ -45,7 +45,7 @@ from evolm.searchspace import resolve_space, training_defaults
 from evolm.schedule import write_schedule
 from evolm.runstate import (RunState, check_data_unchanged, checkpoint_state, fill_replay, genome_from_state,
                             restore_search, write_loss_matrix, write_run_info)
-from evolm.stage import GenerationStep, StageHooks, StepBudget, evolve_stage
+from evolm.stage import GenerationStep, StageHooks, StageBudget, evolve_stage
 from evolm.strength import forgetting_of, score_merges
 from evolm.winners import choose_winners, merge_candidates, source_of
 
@@ -185,8 +185,9 @@ class ContinualRun:
         hooks = StageHooks(checkpoint=lambda gen, pop: self._checkpoint(k, gen, pop, hof),
                            message=lambda text: self.reporter.message(f"stage '{domain.name}': {text}"))
         step = GenerationStep(self.run_dir, k, domain.name, evaluator, hof, self.reporter, state.space)
-        budget = StepBudget(cfg.search.step_budget, ledger,
-                            lambda g: int(hyperparameters(g.values, state.training).max_steps))
+        budget = StageBudget(cfg.search.step_budget, ledger,
+                             lambda g: int(hyperparameters(g.values, state.training).max_steps),
+                             cfg.search.time_budget, cfg.search.run_time_budget, lambda gen: self._seconds_spent(k, gen))
         population = evolve_stage(population or evo.initial_population(k), evo, step, budget, hooks, k,
                                   cfg.search.generations, first_gen)
         self._merge(k, ledger, blocks, hof, base_retention, start)
@@ -194,6 +195,18 @@ class ContinualRun:
         ledger.prune_adapters(keep=set(state.summaries[-1].merged))
         state.replay.add(domain.name, domain.blocks["train"])
         return population
+
+    def _seconds_spent(self, k: int, gen: int) -> tuple[float, float]:
+        """(stage k's, the run's) recorded generation seconds before generation ``gen`` of stage k."""
+        stage_s = run_s = 0.0
+        for row in read_jsonl(self.run_dir / "generations.jsonl"):
+            at = (row.get("stage"), row.get("generation"))
+            seconds = row.get("seconds") if isinstance(row.get("seconds"), (int, float)) else 0.0
+            if not all(isinstance(x, int) for x in at) or at >= (k, gen):
+                continue
+            run_s += seconds
+            stage_s += seconds if at[0] == k else 0.0
+        return stage_s, run_s
 
     def _merge(self, k: int, ledger: StageLedger, blocks: dict, hof, base_retention: float, start: float) -> None:
         state, cfg, say = self.state, self.config, self.reporter.message

@@ -5,6 +5,10 @@ gene's value (numeric genes in quantile bins, categorical and bool genes by valu
 pattern) and the gene's score is the between-group share of the fitness variance, corrected for
 the number of groups (epsilon squared), so a gene with many rare values does not win by chance.
 Scores are normalised to sum to 1.
+
+With weight inheritance an evaluation's genes do not say everything about how its adapter was made
+(a child starts from its parent's trained adapter), so importances are also given separately for
+fresh evaluations (trained from scratch) and inherited ones.
 """
 from __future__ import annotations
 
@@ -73,12 +77,21 @@ def gene_importance(rows: list[dict], fitness: list[float], space: dict | None =
     return dict(sorted(shares.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def stage_importances(evaluations: list[EvaluationRecord], space: dict | None = None) -> dict[int, dict[str, float]]:
+STARTS = ("all", "fresh", "inherited")
+
+
+def stage_importances(evaluations: list[EvaluationRecord], space: dict | None = None,
+                      start: str = "all") -> dict[int, dict[str, float]]:
     """Per stage, gene importances over its ok evaluations that really ran
     (``evolm.records.trained_evaluations``); stages with fewer than ``MIN_EVALUATIONS`` are left out.
-    ``evaluations``: records, or rows of evaluations.jsonl."""
+    ``start``: all evaluations, only ``fresh`` ones (a new adapter) or only ``inherited`` ones (started
+    from a parent's adapter). ``evaluations``: records, or rows of evaluations.jsonl."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, not {start!r}")
     by_stage: dict[int, tuple[list, list]] = {}
     for e in trained_evaluations(read_records(EvaluationRecord, evaluations)):
+        if start != "all" and (e.inherited is not None) != (start == "inherited"):
+            continue
         if e.val_loss is not None and isinstance(e.values, dict) and isinstance(e.stage, int):
             rows, fit = by_stage.setdefault(e.stage, ([], []))
             rows.append(e.values)

@@ -147,12 +147,12 @@ def _check_learned_at(arr: np.ndarray, learned_at: Sequence[int | None]) -> None
         raise ValueError(f"learned_at entries must be row indices 0..{n} or None; got {bad}")
 
 
-def accuracy_summary(accuracy: Matrix, learned_at: Sequence[int | None]) -> dict:
+def accuracy_summary(accuracy: Matrix, learned_at: Sequence[int | None], columns: Sequence[str]) -> dict:
     """A classifier's test accuracies (rows: base, after each stage): the final average, and each
     domain's forgetting, its best accuracy since it was learned minus its final one (higher is worse)."""
     arr = as_matrix(accuracy)
     n = arr.shape[0] - 1
     forget = forgetting(-arr, learned_at)  # forgetting of -accuracy: best since learned minus final
     stages = [f for f, k in zip(forget, learned_at) if k is not None and 1 <= k < n]
-    return {"final_accuracy": [float(a) for a in arr[-1]], "average_final_accuracy": float(arr[-1].mean()),
-            "accuracy_forgetting": forget, "mean_accuracy_forgetting": _mean(stages)}
+    return {"final_accuracy": dict(zip(columns, map(float, arr[-1]))), "average_final_accuracy": float(arr[-1].mean()),
+            "accuracy_forgetting": dict(zip(columns, forget)), "mean_accuracy_forgetting": _mean(stages)}

@@ -292,23 +292,36 @@ def _axis_label(run: RunRecords, name: str) -> str:
 
 
 def plot_importance(run: RunRecords, out: Path) -> Plot | None:
+    """Per stage, each gene's share of the val_loss variance: over all evaluations, and (where each has
+    enough) over fresh and over inherited ones apart."""
     space = (run.config.get("search") or {}).get("space") or {}
-    shares = stage_importances(run.evaluated(), space)
+    evaluated = run.evaluated()
+    shares = stage_importances(evaluated, space)
     if not shares:
         return None
+    apart = {start: stage_importances(evaluated, space, start) for start in ("fresh", "inherited")}
     names = run.stage_names()
-    fig = Figure(figsize=(3.6 * len(shares) + 1, 0.35 * max(len(s) for s in shares.values()) + 1.6))
+    fig = Figure(figsize=(3.6 * len(shares) + 1, 0.45 * max(len(s) for s in shares.values()) + 1.8))
+    series = [("all", "tab:purple"), ("fresh", "tab:blue"), ("inherited", "tab:orange")]
     for n, (stage, imp) in enumerate(shares.items()):
         ax = fig.add_subplot(1, len(shares), n + 1)
         genes = list(imp)[::-1]
-        ax.barh(genes, [imp[g] for g in genes], color="tab:purple")
+        drawn = [(label, color, imp if label == "all" else apart[label].get(stage)) for label, color in series]
+        drawn = [d for d in drawn if d[2]]
+        height = 0.8 / len(drawn)
+        for i, (label, color, values) in enumerate(drawn):
+            ax.barh(np.arange(len(genes)) + (i - (len(drawn) - 1) / 2) * height, [values.get(g, 0.0) for g in genes],
+                    height=height, color=color, label=label)
+        ax.set_yticks(np.arange(len(genes)), genes)
         ax.set_xlim(0, 1)
         ax.set_title(f"stage {stage}: {names.get(stage, '')}", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.set_xlabel("share of val_loss variance", fontsize=8)
-    fig.suptitle(f"{run.name}: gene importance", fontsize=10)
+        if len(drawn) > 1:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{run.name}: gene importance (all, fresh and inherited evaluations)", fontsize=10)
     fig.tight_layout()
-    return Plot(_save(fig, out / "importance.png"), shares)
+    return Plot(_save(fig, out / "importance.png"), {"all": shares} | apart)
 
 
 def plot_merge_strength(run: RunRecords, out: Path) -> Plot | None:

@@ -126,7 +126,9 @@ def _figures(run: RunRecords, plots: dict) -> str:
                            "red x: failed evaluations; hollow circles: a generation still in progress.",
                 "genes": "Gene values of each generation's population: numeric genes as points, categorical "
                          "genes as shares, layer masks as the share of genomes adapting each block.",
-                "importance": "Share of the validation-loss variance each gene explains, per stage.",
+                "importance": "Share of the validation-loss variance each gene explains, per stage: over all "
+                              "evaluations, and over fresh (a new adapter) and inherited (started from a "
+                              "parent's adapter) ones apart, where each has enough.",
                 "loss_matrix": "Test loss of the model after each stage (rows) on every domain (columns)."}
     out = ["<h2>Figures</h2>"]
     for name, plot in plots.items():
@@ -160,7 +162,22 @@ def _loss_matrix(run: RunRecords) -> str:
             f"Average final loss: <b>{_num(sum(final) / len(final))}</b>. Forgetting of a domain: final loss minus "
             f"its lowest loss since it was learned. Bold: the stage that learned the column. ppl = exp(loss).</p>")
     return (f"<h2>Loss matrix ({_e(lm.get('split', 'test'))} split)</h2>"
-            + _table(["after \\ on", *lm["columns"]], rows) + note)
+            + _table(["after \\ on", *lm["columns"]], rows) + note + _accuracy_matrix(lm, learned_at))
+
+
+def _accuracy_matrix(lm: dict, learned_at: list) -> str:
+    """A classifier's test accuracy after each stage on every domain (``loss_matrix.json``'s ``accuracy``)."""
+    acc = lm.get("accuracy")
+    width = len(lm["columns"])
+    if not (isinstance(acc, list) and acc and all(isinstance(r, list) and len(r) == width
+                                                  and all(isinstance(a, (int, float)) for a in r) for r in acc)):
+        return ""
+    rows = [[_td(f"after {name}" if i else name)]
+            + [_td(f"{a:.3f}", "num learned" if i and learned_at[j] == i else "num") for j, a in enumerate(r)]
+            for i, (name, r) in enumerate(zip(lm["rows"], acc))]
+    final = acc[-1]
+    return ("<h3>Accuracy</h3>" + _table(["after \\ on", *lm["columns"]], rows)
+            + f"<p>Average final accuracy: <b>{sum(final) / len(final):.3f}</b> (higher is better).</p>")
 
 
 def _top_genomes(run: RunRecords) -> str:

@@ -261,8 +261,10 @@ def _names(value) -> bool:
 
 
 _METRIC_VALUES = ("average_final_loss", "average_final_perplexity", "mean_forgetting", "backward_transfer",
+                  "average_final_accuracy", "mean_accuracy_forgetting",
                   "mean_forward_transfer")
-_METRIC_COLUMNS = ("final_loss", "final_perplexity", "forgetting", "forward_transfer")
+_METRIC_COLUMNS = ("final_loss", "final_perplexity", "forgetting", "forward_transfer", "final_accuracy",
+                   "accuracy_forgetting")
 
 
 def _valid_metrics(metrics) -> dict:

@@ -107,7 +107,7 @@ def write_loss_matrix(run_dir: Path, config: ExperimentConfig, state: RunState) 
     metrics = summarize(matrix, learned_at)
     if state.accuracy_matrix:
         matrix["accuracy"] = state.accuracy_matrix
-        metrics |= accuracy_summary(state.accuracy_matrix, learned_at)
+        metrics |= accuracy_summary(state.accuracy_matrix, learned_at, matrix["columns"])
     write_json(run_dir / "loss_matrix.json", matrix)
     write_json(run_dir / "metrics.json", metrics)
 

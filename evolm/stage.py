@@ -3,7 +3,7 @@
     evolve_stage(population, evolution, evaluate, budget, hooks):
         if the stage starts: evaluate(population)          the carried population, on the new stage
         for gen in 1..G:
-            if budget.exhausted(gen): stop
+            if budget.exhausted(gen): stop               steps, stage seconds or run seconds spent
             offspring  = budget.affordable(evolution.vary(population))   the budget's share of them
             evaluate(offspring)                           only genomes without a valid fitness
             population = evolution.select(population + offspring)
@@ -29,14 +29,20 @@ from evolm.records import GenerationRecord
 
 
 @dataclass
-class StepBudget:
-    """``search.step_budget``: no generation starts once the stage's evaluations trained ``limit`` steps.
-    Decided on earlier generations only, so a resumed run decides the same."""
+class StageBudget:
+    """``search.step_budget``: no generation starts once the stage's evaluations trained ``limit`` steps;
+    ``search.time_budget`` / ``run_time_budget``: none starts once the stage's (the run's) generations
+    took that many seconds. Decided on earlier generations' records only (steps in the ledger, seconds
+    in generations.jsonl), so a resumed run decides the same."""
 
     limit: int | None
     ledger: StageLedger
     steps_of: Callable[[Genome], int] = lambda g: 0
     """The steps a genome will train (its max_steps)."""
+    seconds: float | None = None
+    run_seconds: float | None = None
+    seconds_spent: Callable[[int], tuple[float, float]] = lambda gen: (0.0, 0.0)
+    """(this stage's, the whole run's) recorded generation seconds before generation ``gen``."""
 
     def affordable(self, gen: int, offspring: list[Genome]) -> list[Genome]:
         """The offspring the budget lets train, in order, while the steps spent before each are below
@@ -59,6 +65,12 @@ class StepBudget:
         spent = self.ledger.steps_before(gen)  # a resume may already hold part of generation gen
         if self.limit is not None and spent >= self.limit:
             return f"step budget spent ({spent} of {self.limit} steps) after generation {gen - 1}"
+        if self.seconds is not None or self.run_seconds is not None:
+            stage_s, run_s = self.seconds_spent(gen)
+            if self.seconds is not None and stage_s >= self.seconds:
+                return f"time budget spent ({stage_s:.0f} of {self.seconds:.0f} s) after generation {gen - 1}"
+            if self.run_seconds is not None and run_s >= self.run_seconds:
+                return f"the run's time budget spent ({run_s:.0f} of {self.run_seconds:.0f} s) after generation {gen - 1}"
         return None
 
 
@@ -69,7 +81,7 @@ class StageHooks:
     message: Callable[[str], None]
 
 
-def evolve_stage(population: list[Genome], evolution: Evolution, evaluate: Callable, budget: StepBudget,
+def evolve_stage(population: list[Genome], evolution: Evolution, evaluate: Callable, budget: StageBudget,
                  hooks: StageHooks, stage: int, generations: int, first_gen: int = 0) -> list[Genome]:
     """The stage's final population; see the module docstring."""
     if first_gen == 0:

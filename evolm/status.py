@@ -26,8 +26,14 @@ def run_status(run_dir: Path) -> dict:
     budget, steps = _count(search, "step_budget"), sum(e.steps or 0 for e in evaluated)
     if budget and done and steps:  # the budget, at the steps an evaluation took so far
         per_stage = min(per_stage, math.ceil(budget / (steps / done)) + 1)
+    stage_seconds, run_seconds = _number(search, "time_budget"), _number(search, "run_time_budget")
+    searched = sum(g.seconds or 0 for g in run.generations)
+    if stage_seconds and done and searched:  # the time budget, at the seconds an evaluation took so far
+        per_stage = min(per_stage, math.ceil(stage_seconds / (searched / done)) + 1)
     # a finished run did what it did; an unfinished one at most this (caching, halving: fewer)
     planned = done if finished else max(done, per_stage * run.configured_stages)
+    if run_seconds and done and searched and not finished:
+        planned = min(planned, max(done, math.ceil(run_seconds / (searched / done)) + run.configured_stages))
     best: dict[str, float] = {}
     for r in run.evaluations:
         if (loss := r.val_loss) is not None:
@@ -42,6 +48,8 @@ def run_status(run_dir: Path) -> dict:
     checkpoint = run.checkpoint
     elapsed = checkpoint.elapsed if checkpoint.elapsed is not None else sum(g.seconds or 0 for g in run.generations)
     left = None if finished or not done else elapsed / done * max(0, planned - done)
+    if left is not None and run_seconds:  # the searches stop at the run's budget (merges still to come)
+        left = min(left, max(0.0, run_seconds - searched) * elapsed / max(searched, 1e-9))
     last_gen = run.generations[-1] if run.generations else None
     return {"run_dir": str(run.path), "state": "finished" if finished else ("running" if _alive(run) else "stopped"),
             "stage": last_gen.stage if last_gen else 0, "stages": run.configured_stages,
@@ -63,7 +71,7 @@ def format_status(s: dict) -> str:
     done, failed = s["evaluations_done"], s["failed"]
     evaluated = (f"{done} ({failed} failed; twins served from the cache not counted)" if s["state"] == "finished"
                  else f"{done} of at most {s['evaluations_planned']} planned ({failed} failed; twins served from "
-                      f"the cache, successive halving and step budgets make it fewer)")
+                      f"the cache, successive halving, step and time budgets make it fewer)")
     lines = [f"run        {s['run_dir']} ({s['state']})",
              f"stage      {s['stage']}/{s['stages']} {s['stage_name'] or ''}  generation {gen}" + (
                  f"  diversity {s['diversity']:.2f}" if isinstance(s.get("diversity"), (int, float)) else ""),
@@ -84,8 +92,16 @@ def format_status(s: dict) -> str:
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
         lines.append(f"metrics    average final test loss {fmt(m.get('average_final_loss'))}, mean forgetting "
                      f"{fmt(m.get('mean_forgetting'))}, backward transfer {fmt(m.get('backward_transfer'))}")
+        if isinstance(m.get("average_final_accuracy"), (int, float)):
+            lines.append(f"accuracy   average final test accuracy {m['average_final_accuracy']:.4f}, mean forgetting "
+                         f"{fmt(m.get('mean_accuracy_forgetting'))}")
     lines += [f"warning    {w}" for w in s["warnings"]]
     return "\n".join(lines)
+
+
+def _number(section: dict, key: str) -> float | None:
+    value = section.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
 def _count(section: dict, key: str) -> int:

@@ -109,6 +109,10 @@ def test_a_classification_run_records_accuracy_and_predicts(labelled, tmp_path):
     assert out.returncode == 0, out.stderr
     label, prob, _ = out.stdout.splitlines()[0].split("\t", 2)
     assert label in {"code", "docstring", "prose", "qa"} and 0 < float(prob) <= 1
+    status = subprocess.run(env_cmd + ["status", str(run_dir)], capture_output=True, text=True, cwd=ROOT)
+    assert f"average final test accuracy {metrics['average_final_accuracy']:.4f}" in status.stdout
+    from evolm.report import write_report
+    assert "<h3>Accuracy</h3>" in write_report(run_dir).read_text()
     refused = subprocess.run(env_cmd + ["generate", str(run_dir), "--prompt", "x"], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "evolm predict" in refused.stderr and "Traceback" not in refused.stderr
 

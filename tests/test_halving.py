@@ -178,6 +178,22 @@ def test_step_budget_decides_the_same_after_a_resume(corpora, tmp_path):
     assert {json.loads(r)[0] for r in outcome(tmp_path / "whole")} == {0, 1}
 
 
+def test_time_budgets_end_a_stage_and_the_run_after_a_generation(corpora, tmp_path):
+    """A budget below any generation's time: every stage stops after generation 0 (a stage budget per
+    stage; a run budget once spent, for every later stage), and still merges its best."""
+    def two_stages(**search):
+        raw = tiny_experiment(corpora, tmp_path / "results")
+        raw["search"].update({"population_size": 2, "offspring_size": 2, **search})
+        return parse_config(raw)
+
+    run(two_stages(generations=3, time_budget=1e-3), tmp_path / "stage")
+    gens = {(r["stage"], r["generation"]) for r in read_jsonl(tmp_path / "stage" / "generations.jsonl")}
+    assert gens == {(1, 0), (2, 0)}
+    summaries = run(two_stages(generations=2, run_time_budget=1e-3), tmp_path / "run")
+    gens = [(r["stage"], r["generation"]) for r in read_jsonl(tmp_path / "run" / "generations.jsonl")]
+    assert gens == [(1, 0), (2, 0)] and len(summaries) == 2  # every stage still evaluated and merged
+
+
 def test_a_rung_that_completes_a_genome_leaves_its_slot_to_a_contender(corpora, tmp_path):
     """max_steps 1 is done after rung 0 (budgets 1, 1, 2): finished at once, not halted, no promotion slot."""
     config = experiment(corpora, tmp_path, generations=0, population_size=6, offspring_size=1,

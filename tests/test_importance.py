@@ -82,3 +82,20 @@ def test_shares_are_a_distribution_or_all_zero(fitness, seed):
     shares = gene_importance(genomes(len(fitness), seed), fitness, SPACE)
     assert all(0.0 <= s <= 1.0 for s in shares.values())
     assert sum(shares.values()) == pytest.approx(1.0) or sum(shares.values()) == 0.0
+
+
+def test_fresh_and_inherited_evaluations_are_told_apart():
+    """Fresh evaluations where use_bias decides the loss, inherited ones where r does: each subset
+    names its own gene, and all together see both."""
+    rows = genomes(24, seed=3)
+    evals = []
+    for i, v in enumerate(rows):
+        inherited = i % 2 == 1
+        loss = 3 + (v["r"] / 16 if inherited else v["use_bias"])
+        evals.append({"stage": 1, "status": "ok", "cached": False, "values": v, "objectives": {"val_loss": loss},
+                      "genome_id": f"g{i}", "inherited": {"from": "p"} if inherited else None})
+    fresh = stage_importances(evals, SPACE, "fresh")[1]
+    inherited = stage_importances(evals, SPACE, "inherited")[1]
+    assert next(iter(fresh)) == "use_bias" and next(iter(inherited)) == "r"
+    with pytest.raises(ValueError, match="start must be one of"):
+        stage_importances(evals, SPACE, "both")

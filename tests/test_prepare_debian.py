@@ -28,15 +28,16 @@ def listing(per_section: dict[str, int]) -> str:
 
 def test_sections_are_dealt_to_stages_and_splits_never_share_a_text(tmp_path):
     prep = _module()
-    text = listing({"libs": 30, "python": 25, "doc": 20, "net": 15, "games": 3})
+    text = listing({"libs": 60, "python": 50, "doc": 45, "net": 40, "games": 3})
     text += "\n" + stanza("dup-a", "libs", "same words") + "\n" + stanza("dup-b", "net", "same words")
     manifest = prep.prepare(tmp_path, n_classes=4, n_stages=2, sizes={"train": 8, "validation": 2, "test": 3}, text=text)
-    assert [s["classes"] for s in manifest["stages"]] == [["libs", "doc"], ["python", "net"]]
+    assert [s["new_classes"] for s in manifest["stages"]] == [["libs", "doc"], ["python", "net"]]
+    assert [s["classes"] for s in manifest["stages"]] == [["libs", "doc"], ["libs", "doc", "python", "net"]]
     seen = {}
     for k in (1, 2):
         for split in ("train", "validation", "test"):
             rows = [json.loads(line) for line in (tmp_path / f"stage-{k}.{split}.jsonl").read_text().splitlines()]
-            assert len(rows) == {"train": 8, "validation": 2, "test": 3}[split] * 2
+            assert len(rows) == {"train": 8, "validation": 2, "test": 3}[split] * 2 * k  # earlier classes go on
             for r in rows:
                 assert r["text"] not in seen, "a text in two splits"
                 seen[r["text"]] = split
@@ -61,4 +62,5 @@ def test_the_machines_package_lists_give_a_stream(tmp_path):
         manifest = prep.prepare(tmp_path, 4, 2, {"train": 20, "validation": 5, "test": 5})
     except prep.SourceError as exc:
         pytest.skip(f"apt knows too few packages here: {exc}")
-    assert all(len(s["classes"]) == 2 and s["files"]["train"]["examples"] > 0 for s in manifest["stages"])
+    assert [len(s["classes"]) for s in manifest["stages"]] == [2, 4]
+    assert all(s["files"]["train"]["examples"] > 0 for s in manifest["stages"])

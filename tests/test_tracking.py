@@ -60,6 +60,13 @@ def test_console_in_a_pipe_writes_plain_lines_with_workers_busy():
     assert lines[1] == "stage 1 code merged g0000000: test loss 5.0000 -> 4.0000 (2 evals, 3s)"
 
 
+def test_console_shows_a_maximised_first_objective_as_measured():
+    out = io.StringIO()
+    reporter = ConsoleReporter(out, workers=1, objective="accuracy", maximize=True)
+    reporter.generation_end(gen(best=-0.9, median=-0.5, worst=-0.1))  # stored negated: evolm minimises
+    assert out.getvalue().startswith("stage 1 code gen 0: accuracy best 0.9000 median 0.5000 worst 0.1000")
+
+
 def test_workers_busy_is_evaluation_time_over_wall_time_times_workers():
     out = io.StringIO()
     reporter = ConsoleReporter(out, workers=4)

@@ -5,13 +5,14 @@ a Debian system after one ``apt-get update``), each with its ``Section`` (libs, 
 and its ``Description``. A package's description as the lists carry it (the one-line synopsis, with
 the long text where the lists include it; never the package name) is the text; its section (``contrib/net`` counts as ``net``) is the label. The most frequent
 ``--classes`` sections are kept and dealt to ``--stages`` stages in turn by frequency (stage 1 gets
-the 1st, (stages+1)-th, ... most frequent, so every stage has common and rarer classes): new classes
-arrive stage by stage, as new kinds of tickets reach a support classifier.
+the 1st, (stages+1)-th, ... most frequent, so every stage brings common and rarer classes): new
+classes arrive stage by stage while the earlier ones keep coming, as new kinds of tickets reach a
+support classifier that still gets the old kinds. Stage k holds every class that has arrived by then.
 
 Each stage gets ``stage-<k>.train.jsonl``, ``.validation.jsonl`` and ``.test.jsonl`` (``{"text",
 "label"}`` lines; a seeded sample of at most ``--train`` / ``--validation`` / ``--test`` distinct
-descriptions per class, never the same text in two splits), and ``manifest.json`` says what was
-kept. Deterministic for a given package list and arguments. (The encoder the example experiment
+descriptions per class, never the same text twice: a class's later stages get other packages), and
+``manifest.json`` says what was kept. Deterministic for a given package list and arguments. (The encoder the example experiment
 uses comes from ``make minilm``.)
 
 Usage: python experiments/data/prepare_debian.py [--out DIR] [--classes 8] [--stages 2]
@@ -75,19 +76,24 @@ def stream(records: list[dict], n_classes: int, n_stages: int) -> list[list[str]
     return [top[k::n_stages] for k in range(n_stages)]
 
 
-def split_class(texts: list[str], sizes: dict[str, int], rng: random.Random) -> dict[str, list[str]]:
+def carve(texts: list[str], sizes: dict[str, int], stages: int, rng: random.Random) -> list[dict[str, list[str]]]:
+    """A class's texts in ``stages`` disjoint parts, each split into test, validation and train (the
+    evaluation splits first: a small class keeps them full)."""
     texts = sorted(set(texts))
     rng.shuffle(texts)
-    out, start = {}, 0
-    for split in ("test", "validation", "train"):  # evaluation splits first: a small class keeps them full
-        out[split] = texts[start:start + sizes[split]]
-        start += sizes[split]
-    return out
+    parts, start = [], 0
+    for _ in range(stages):
+        part = {}
+        for split in ("test", "validation", "train"):
+            part[split] = texts[start:start + sizes[split]]
+            start += sizes[split]
+        parts.append(part)
+    return parts
 
 
 def prepare(out_dir: Path, n_classes: int = 8, n_stages: int = 2, sizes: dict | None = None, seed: int = 0,
             text: str | None = None) -> dict:
-    sizes = sizes or {"train": 240, "validation": 40, "test": 80}
+    sizes = sizes or {"train": 200, "validation": 30, "test": 60}
     records = parse(dumpavail() if text is None else text)
     if not records:
         raise SourceError("apt-cache dumpavail printed no package with a section and a description: run "
@@ -99,19 +105,24 @@ def prepare(out_dir: Path, n_classes: int = 8, n_stages: int = 2, sizes: dict | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"seed": seed, "sizes": sizes, "packages": len(records), "stages": []}
-    for k, classes in enumerate(stream(records, n_classes, n_stages), 1):
-        rng = random.Random(f"{seed}:{k}")
-        splits = {s: [] for s in sizes}
+    arrivals = stream(records, n_classes, n_stages)
+    parts = {}  # class -> its texts for each stage from its arrival on
+    for k, classes in enumerate(arrivals):
         for section in classes:
-            for split, texts in split_class([t for t in by_section[section] if t not in ambiguous], sizes, rng).items():
-                splits[split] += [{"text": t, "label": section} for t in texts]
+            pool = [t for t in by_section[section] if t not in ambiguous]
+            parts[section] = carve(pool, sizes, n_stages - k, random.Random(f"{seed}:{section}"))
+    for k in range(1, n_stages + 1):
+        present = [c for arrived in arrivals[:k] for c in arrived]
+        rng = random.Random(f"{seed}:{k}")
         files = {}
-        for split, rows in splits.items():
+        for split in sizes:
+            rows = [{"text": t, "label": c} for c in present
+                    for t in parts[c][k - 1 - next(i for i, a in enumerate(arrivals) if c in a)][split]]
             rng.shuffle(rows)
             path = out_dir / f"stage-{k}.{split}.jsonl"
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
             files[split] = {"file": path.name, "examples": len(rows)}
-        manifest["stages"].append({"stage": k, "classes": classes, "files": files})
+        manifest["stages"].append({"stage": k, "classes": present, "new_classes": arrivals[k - 1], "files": files})
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
@@ -128,9 +139,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--classes", type=int, default=8, help="how many of the most frequent sections")
     parser.add_argument("--stages", type=int, default=2, help="stages the classes are dealt to")
-    parser.add_argument("--train", type=int, default=240, help="training examples per class (at most)")
-    parser.add_argument("--validation", type=int, default=40, help="validation examples per class")
-    parser.add_argument("--test", type=int, default=80, help="test examples per class")
+    parser.add_argument("--train", type=int, default=200, help="training examples per class and stage (at most)")
+    parser.add_argument("--validation", type=int, default=30, help="validation examples per class and stage")
+    parser.add_argument("--test", type=int, default=60, help="test examples per class and stage")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args(argv)
     try:
