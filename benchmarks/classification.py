@@ -8,10 +8,11 @@ a stage training as many steps in total as evolm's search did in that stage:
   default@50   the same with the default max_steps (50): what a user gets without any tuning
   tpe          per stage, Optuna TPE over evolm's search space, maximising validation accuracy, trials
                until evolm's steps are spent; the best merged at full strength
-  evolm        the experiment as a user runs it (``evolm run``: forgetting-aware defaults, replay and
-               merge strength searched), on Ray with the experiment's workers
-  evolm-f0.25  the same with ``search.winner.max_forgetting: 0.25`` (default 0.05 nats): the search, and
-               so the steps, are the same; only the winner and the merge strength of later stages differ
+  evolm        the experiment as a user runs it (``evolm run``: forgetting-aware defaults with the
+               experiment's forgetting budget, replay and merge strength searched), on Ray with the
+               experiment's workers
+  evolm-f0.05  the same with the library's default budget ``search.winner.max_forgetting: 0.05``: the
+               search, and so the steps, are the same; only later stages' winner and merge strength differ
 
 After each stage every method's model is measured on every stage's test split: the accuracy matrix.
 Reported: each stage's accuracy right after learning it, the final average accuracy over all stages,
@@ -52,7 +53,7 @@ from evolm.searchspace import resolve_space, training_defaults  # noqa: E402
 from evolm.train import evaluate_genome  # noqa: E402
 from search import from_optuna, optuna_distributions  # noqa: E402
 
-METHODS = ("evolm", "evolm-f0.25", "default", "default@50", "tpe")
+METHODS = ("evolm", "evolm-f0.05", "default", "default@50", "tpe")
 
 
 def experiment(path: Path, seed: int, out: Path) -> dict:
@@ -180,8 +181,8 @@ def main(argv=None) -> int:
         for method in (m for m in args.methods if m != "evolm"):
             if method in results:
                 pass
-            elif method == "evolm-f0.25":
-                variant = raw | {"search": raw["search"] | {"winner": {"max_forgetting": 0.25}}}
+            elif method == "evolm-f0.05":
+                variant = raw | {"search": raw["search"] | {"winner": {"max_forgetting": 0.05}}}
                 import shutil
                 shutil.rmtree(out / method, ignore_errors=True)
                 results[method] = summarise(run_evolm(variant, out / method, args.workers))
