@@ -291,7 +291,8 @@ def stage_table(summaries: list) -> str:
 class ConsoleReporter(Reporter):
     """Progress for people: a bar of evaluations in a terminal, plain lines in logs."""
 
-    def __init__(self, stream=sys.stdout, workers: int = 1, objective: str = "val_loss", maximize: bool = False):
+    def __init__(self, stream=None, workers: int = 1, objective: str = "val_loss", maximize: bool = False):
+        stream = stream or sys.stdout  # looked up now, not when the module was imported (it may be replaced)
         # A bar only when both streams are terminals: logs and pipes get plain lines, no control characters.
         self.stream, self.bar, self.tty = stream, None, stream.isatty() and sys.stderr.isatty()
         self.workers, self.busy = max(1, workers), 0.0
