@@ -51,7 +51,8 @@ def lr_schedule(hp, steps: int, optimizer):
 
 def _backward(model, batch: np.ndarray, device: torch.device, parts: int) -> float:
     """Forward and backward of one batch of rows, in ``parts`` micro-batches (gradient accumulation:
-    less activation memory, the same gradient up to rounding); returns the batch's mean loss."""
+    less activation memory, the same gradient up to rounding; answer rows of different lengths weigh
+    each micro-batch's mean by its rows, not its answer tokens); returns the batch's mean loss."""
     if parts <= 1:
         with _autocast(device):
             loss = model(**model_inputs(batch, device)).loss
