@@ -21,41 +21,38 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
 from evolm.base import load_base  # noqa: E402
 from evolm.configfile import parse_config  # noqa: E402
-from evolm.continual import ContinualRun, Reporter  # noqa: E402
+from evolm.continual import ContinualRun  # noqa: E402
 from evolm.executor import RayExecutor  # noqa: E402
 from evolm.models import load_model  # noqa: E402
 from evolm.train import evaluate  # noqa: E402
+from memory import MB, MemoryProbe, resident_mb  # noqa: E402
 
-MB = 1024 * 1024
 
 
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-class StageProbe(Reporter):
-    """After each stage: the run directory's size, the driver's and the workers' RSS."""
+class StageProbe(MemoryProbe):
+    """After each stage: the run directory's size, the driver's and the workers' RSS (the workers as
+    ``memory.MemoryProbe`` finds them)."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir, self.worker_pids, self.rows = run_dir, set(), []
+        super().__init__()
+        self.run_dir = run_dir
 
-    def evaluation_done(self, record):
-        if record.worker:
-            self.worker_pids.add(int(record.worker.rsplit(":", 1)[1]))
+    def generation_end(self, record):
+        pass  # one row a stage here, not a generation
 
     def stage_end(self, summary):
-        workers = {}
-        for pid in sorted(self.worker_pids):
-            try:
-                workers[pid] = psutil.Process(pid).memory_info().rss / MB
-            except psutil.NoSuchProcess:
-                pass
+        workers = resident_mb(self.worker_pids)
         row = {"stage": summary.stage, "name": summary.name, "disk_mb": disk_bytes(self.run_dir) / MB,
                "driver_mb": psutil.Process().memory_info().rss / MB, "workers_mb": workers,
                "end_loss": summary.end_loss, "seconds": summary.seconds}

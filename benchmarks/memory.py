@@ -31,6 +31,17 @@ from evolm.executor import RayExecutor  # noqa: E402
 MB = 1024 * 1024
 
 
+def resident_mb(pids) -> dict[int, float]:
+    """Resident memory (MB) of each process of ``pids`` still alive."""
+    out = {}
+    for pid in sorted(pids):
+        try:
+            out[pid] = psutil.Process(pid).memory_info().rss / MB
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
 class MemoryProbe(Reporter):
     def __init__(self):
         self.worker_pids, self.rows = set(), []
@@ -40,12 +51,7 @@ class MemoryProbe(Reporter):
             self.worker_pids.add(int(record.worker.rsplit(":", 1)[1]))
 
     def generation_end(self, record):
-        workers = {}
-        for pid in sorted(self.worker_pids):
-            try:
-                workers[pid] = psutil.Process(pid).memory_info().rss / MB
-            except psutil.NoSuchProcess:
-                continue
+        workers = resident_mb(self.worker_pids)
         row = {"generation": record.generation, "driver_mb": psutil.Process().memory_info().rss / MB,
                "workers_mb": workers}
         self.rows.append(row)
