@@ -28,11 +28,11 @@ def greedy_answers(model, rows: np.ndarray, limit: int | None, device: torch.dev
                    batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
     """(generated, reference) answer tokens of the first ``limit`` rows, prompts generated from in
     batches (left-padded, so every prompt ends where generation starts)."""
-    from evolm.generate import _context_length
+    from evolm.generate import context_length
 
     model.eval()
     split = [split_row(row) for row in rows[:limit]]
-    context = _context_length(model)
+    context = context_length(model)
     pairs = []
     for start in range(0, len(split), batch_size):
         pairs += _answer_batch(model, split[start:start + batch_size], context, device)

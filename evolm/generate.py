@@ -24,7 +24,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 40, se
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:  # an empty prompt: start from the end-of-text token
         ids = torch.tensor([[tokenizer.eos_token_id]])
-    limit = _context_length(model)
+    limit = context_length(model)
     if limit is not None:
         ids = ids[:, -max(1, limit - 1):]  # keep the prompt's end, room for at least one new token
         max_new_tokens = max(1, min(max_new_tokens, limit - ids.shape[1]))
@@ -76,6 +76,6 @@ def write_samples(run_dir: Path, model, tokenizer, config, stage: int, stage_nam
     return records
 
 
-def _context_length(model) -> int | None:
+def context_length(model) -> int | None:
     cfg = model.config
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
