@@ -91,7 +91,11 @@ def _check_state(path: Path, state) -> None:
     for key, kind in _SHAPES.items():
         if not isinstance(state.get(key), kind):
             raise CorruptCheckpoint(f"{path.name}: {key} is missing or not a {kind.__name__}")
-    for genome in state["population"] + state["hall_of_fame"]:
+    steady = state.get("steady")
+    if steady is not None and not (isinstance(steady, dict) and isinstance(steady.get("in_flight"), list)
+                                   and all(_count(steady.get(k)) for k in ("taken", "born", "spent"))):
+        raise CorruptCheckpoint(f"{path.name}: steady has the wrong shape")
+    for genome in state["population"] + state["hall_of_fame"] + (steady or {}).get("in_flight", []):
         genome_id(genome.get("id") if isinstance(genome, dict) else genome, path)  # ids become adapter paths
     generation, elapsed = state.get("generation"), state.get("elapsed")
     if not (_count(state.get("stage")) and isinstance(state.get("stage_done"), bool)

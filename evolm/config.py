@@ -130,6 +130,13 @@ class SearchConfig(Section):
     """lambda: new genomes made by crossover or mutation in each generation."""
     generations: int = Field(default=3, ge=0)
     """Generations of variation per stage, after the population is (re-)evaluated on the stage."""
+    mode: Literal["generational", "steady_state"] = "generational"
+    """generational: (mu + lambda) generation by generation, each waiting for its slowest evaluation.
+    steady_state: asynchronous, no barrier: as soon as a worker's result is taken, the child joins
+    the population (the worst of mu + 1 leaves) and the worker trains a new child bred from it, as
+    many children in all as the generational search trains (``evolm.steady``). Results are taken in
+    the order they finish, which the ledger records: a resume replays it exactly; on several workers
+    two fresh runs may differ. Replacing the worst keeps the best genome (``elitism`` is implied)."""
     tournament_size: int = Field(default=3, ge=2)
     elitism: int = Field(default=1, ge=0)
     """The best this-many genomes always survive selection."""
@@ -186,6 +193,10 @@ class SearchConfig(Section):
         if self.crossover_prob + self.mutation_prob > 1:
             raise ValueError(f"crossover_prob + mutation_prob must be <= 1 "
                              f"(now {self.crossover_prob} + {self.mutation_prob})")
+        if self.mode == "steady_state" and (self.halving.rungs > 1 or self.scheduler == "halving"):
+            raise ValueError("search.mode steady_state trains every child to its max_steps as soon as a worker "
+                             "is free; successive halving is generation by generation: set search.halving.rungs "
+                             "to 1 (and no scheduler), or search.mode to generational")
         if self.elitism > self.population_size:
             raise ValueError(f"elitism ({self.elitism}) must be <= population_size ({self.population_size})")
         for name, gene in self.space.items():

@@ -46,6 +46,7 @@ from evolm.schedule import write_schedule
 from evolm.runstate import (RunState, check_data_unchanged, checkpoint_state, fill_replay, genome_from_state,
                             restore_search, write_loss_matrix, write_run_info)
 from evolm.stage import GenerationStep, StageHooks, StageBudget, evolve_stage
+from evolm.steady import SteadyState
 from evolm.strength import forgetting_of, score_merges
 from evolm.winners import choose_winners, merge_candidates, source_of
 
@@ -155,13 +156,13 @@ class ContinualRun:
                 for k in range(at.first_stage, len(self.config.stages) + 1):
                     first = k == at.first_stage
                     population = self.run_stage(k, population, at.first_gen if first else 0,
-                                                at.hall_of_fame if first else None)
+                                                at.hall_of_fame if first else None, at.steady if first else None)
             finally:
                 self.executor.close()
         write_json(self.run_dir / "summary.json", {"stages": [s.to_json() for s in state.summaries]})
         return state.summaries
 
-    def run_stage(self, k: int, population, first_gen: int, hof_items) -> list:
+    def run_stage(self, k: int, population, first_gen: int, hof_items, steady: dict | None = None) -> list:
         start, state, cfg = time.perf_counter(), self.state, self.config
         domain, evo = state.base.stage_domain(k), state.evolution
         ledger = StageLedger.read(self.run_dir, k)
@@ -182,14 +183,20 @@ class ContinualRun:
         evaluator = GenerationEvaluator(self.run_dir, k, domain.name, ledger, self.executor, self.reporter,
                                         self.objectives, state.training, cfg.seed, cfg.search.halving,
                                         cfg.search.inherit_weights, cfg.search.scheduler)
-        hooks = StageHooks(checkpoint=lambda gen, pop: self._checkpoint(k, gen, pop, hof),
+        hooks = StageHooks(checkpoint=lambda gen, pop, steady=None: self._checkpoint(k, gen, pop, hof, steady),
                            message=lambda text: self.reporter.message(f"stage '{domain.name}': {text}"))
         step = GenerationStep(self.run_dir, k, domain.name, evaluator, hof, self.reporter, state.space)
         budget = StageBudget(cfg.search.step_budget, ledger,
                              lambda g: int(hyperparameters(g.values, state.training).max_steps),
                              cfg.search.time_budget, cfg.search.run_time_budget, lambda gen: self._seconds_spent(k, gen))
-        population = evolve_stage(population or evo.initial_population(k), evo, step, budget, hooks, k,
-                                  cfg.search.generations, first_gen)
+        population = population or evo.initial_population(k)
+        if cfg.search.mode == "steady_state":
+            # children in flight: ray.num_workers, whatever the executor (--no-ray takes them in turn), so
+            # the search does not depend on where it runs and a Ray run replays on one process
+            population = SteadyState(evo, step, budget, hooks, k, cfg.search.generations,
+                                     cfg.ray.num_workers).run(population, first_gen, steady)
+        else:
+            population = evolve_stage(population, evo, step, budget, hooks, k, cfg.search.generations, first_gen)
         self._merge(k, ledger, blocks, hof, base_retention, start)
         self._checkpoint(k, None, population, hof)
         ledger.prune_adapters(keep=set(state.summaries[-1].merged))
@@ -257,9 +264,9 @@ class ContinualRun:
         return stage_subspaces(self.run_dir, self.state.base.model, k) if "orthogonality" in self.state.space else {}
 
     # ----- run state on disk --------------------------------------------------------------
-    def _checkpoint(self, k: int, gen: int | None, population: list, hof) -> None:
+    def _checkpoint(self, k: int, gen: int | None, population: list, hof, steady: dict | None = None) -> None:
         save_checkpoint(self.run_dir, checkpoint_tag(k, gen),
-                        checkpoint_state(self.state, self.config, k, gen, population, hof),
+                        checkpoint_state(self.state, self.config, k, gen, population, hof, steady),
                         self.config.checkpoint.keep_last)
 
     def _save_model(self, k: int) -> None:

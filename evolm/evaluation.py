@@ -46,24 +46,31 @@ class GenerationEvaluator:
         groups: dict[str, list[Genome]] = {}
         for g in todo:
             groups.setdefault(g.key(), []).append(g)
-        ledger = self.ledger
         assigned = set()
 
         def finished(result: dict) -> None:
             key = next(k for k, gs in groups.items() if gs[0].id == result["genome_id"])
-            if result["status"] == "ok":  # the adapter is on disk before the ledger says "done"
-                ledger.save_adapter(result["genome_id"], result.pop("adapter"))
-            result.pop("state", None)
-            ledger.cache[key] = result | {"generation": gen}  # as a resumed run reads it from the ledger
-            ledger.trained += 1
             assigned.add(key)
-            self._assign(gen, groups[key], result)
+            self.take(gen, groups[key], result)
 
         scheduler = SCHEDULERS.get(self.scheduler or ("halving" if self.halving.rungs > 1 else "fifo"))(self)
         scheduler.run(gen, scheduler.pool(gen, groups), finished)
         for key, genomes in groups.items():  # cached twins, and records finished before a resume
             if key not in assigned:
-                self._assign(gen, genomes, ledger.cache[key])
+                self._assign(gen, genomes, self.ledger.cache[key])
+
+    def take(self, gen: int, genomes: list[Genome], result: dict) -> None:
+        """A trained result for ``genomes`` (one genome and its twins): adapter, cache, fitness, record."""
+        if result["status"] == "ok":  # the adapter is on disk before the ledger says "done"
+            self.ledger.save_adapter(result["genome_id"], result.pop("adapter"))
+        result.pop("state", None)
+        self.ledger.cache[genomes[0].key()] = result | {"generation": gen}  # as a resumed run reads it
+        self.ledger.trained += 1
+        self._assign(gen, genomes, result)
+
+    def take_recorded(self, gen: int, genomes: list[Genome], record: EvaluationRecord) -> None:
+        """Fitness from a record the ledger already holds (a resumed run replaying its takes)."""
+        self._assign(gen, genomes, record.to_json() | {"genome_id": record.source})
 
     # ----- requests -----------------------------------------------------------------------
     def hp(self, g: Genome) -> dict:
@@ -79,11 +86,12 @@ class GenerationEvaluator:
         return request
 
     def _inheritance(self, gen: int, g: Genome) -> dict | None:
-        """The adapter of ``g``'s best parent, if ``g`` was born in this generation and a parent was
-        trained earlier in this stage; None: ``g`` starts fresh."""
-        if not self.inherit_weights or g.born != (self.stage, gen):
+        """The adapter of ``g``'s best parent, if ``g`` was bred in this stage (not a carried or initial
+        genome) and a parent was trained earlier in this stage; None: ``g`` starts fresh. A parent is
+        always evaluated before its child is bred, so its record is in the ledger."""
+        if not self.inherit_weights or g.born[0] != self.stage or g.born[1] < 1:
             return None
-        parents = [r for (rg, rid), r in self.ledger.records.items() if rid in g.parents and rg < gen and r.ok]
+        parents = [r for r in self.ledger.records.values() if r.genome_id in g.parents and r.ok]
         if not parents:
             return None
         first = self.objectives[0]

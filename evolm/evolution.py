@@ -189,6 +189,36 @@ class Evolution:
             offspring.append(self.genome(values, stage, generation, i, parents, ops))
         return offspring
 
+    def breed(self, population: list[Genome], stage: int, birth: int) -> Genome:
+        """One child for the steady-state search, its ``birth``-th of the stage (1, 2, ...): a random
+        immigrant with probability ``immigrant_share`` (one half while diversity is below
+        ``min_diversity``), else by crossover or mutation as in ``vary``. Born in batch
+        ``(birth - 1) // offspring_size + 1``, so ids never collide with a generational run's."""
+        s = self.search
+        lam = s.offspring_size
+        spread = diversity(population, self.space)
+        immigrant = s.immigrant_share if spread is None or spread >= s.min_diversity else max(0.5, s.immigrant_share)
+        roll = self.rng.random()
+        if self.rng.random() < immigrant or roll >= s.crossover_prob + s.mutation_prob:
+            values, parents, ops = self.random_values(), [], ["random"]
+        elif roll < s.crossover_prob:
+            p1, p2 = self.toolbox.select(population, 2)
+            values, parents, ops = self.toolbox.mate(p1.values, p2.values), [p1.id, p2.id], [f"cx_uniform({p1.id}, {p2.id})"]
+        else:
+            (p,) = self.toolbox.select(population, 1)
+            values, op = self.toolbox.mutate(p.values)
+            parents, ops = [p.id], [op]
+        return self.genome(values, stage, (birth - 1) // lam + 1, (birth - 1) % lam, parents, ops)
+
+    def replace(self, population: list[Genome], child: Genome) -> list[Genome]:
+        """Steady-state survival: the child joins and the worst of the ``mu + 1`` leaves (on a tie the
+        one that came last, so an equal child does not displace its elders). Several objectives:
+        NSGA-II's survivors of the ``mu + 1``."""
+        pool = population + [child]
+        if self.n_objectives > 1:
+            return tools.selNSGA2(pool, self.search.population_size)
+        return sorted(pool, key=lambda g: g.fitness, reverse=True)[: self.search.population_size]
+
     def select(self, pool: list[Genome]) -> list[Genome]:
         """The next population: the elite, then tournament winners from the rest of the pool.
 

@@ -1,11 +1,13 @@
 """Where evaluations run: in-process (``LocalExecutor``) or on Ray workers (``RayExecutor``).
 
 Both take the stage once (``set_stage``) and then ``map`` evaluation requests, calling back as
-each result arrives. Only this module imports Ray. A failing evaluation is data, not a crash:
+each result arrives; a callback may return more requests, which join the queue (the steady-state
+search hands a freed worker its next child this way). Only this module imports Ray. A failing evaluation is data, not a crash:
 the result says ``status: failed`` with the error, and the search gives it the worst fitness.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -158,13 +160,13 @@ class LocalExecutor:
     def set_stage(self, stage: StagePayload) -> None:
         self.runner.load(stage)
 
-    def map(self, requests: list[EvalRequest], on_result: Callable[[dict], None]) -> None:
-        threads = torch.get_num_threads()
+    def map(self, requests: list[EvalRequest], on_result: Callable[[dict], list | None]) -> None:
+        threads, queue = torch.get_num_threads(), collections.deque(requests)
         try:
-            for request in requests:
-                result = self.runner.run(request)
+            while queue:
+                result = self.runner.run(queue.popleft())
                 torch.set_num_threads(threads)  # the caller's own work keeps its thread count
-                on_result(result)
+                queue.extend(on_result(result) or ())
         finally:
             torch.set_num_threads(threads)
 
@@ -308,12 +310,12 @@ class RayExecutor:
         # One object in the store per stage; each worker fetches it once, when the key changes.
         self.stage_key, self.stage_ref = stage.key, self.ray.put(stage)
 
-    def map(self, requests: list[EvalRequest], on_result: Callable[[dict], None]) -> None:
+    def map(self, requests: list[EvalRequest], on_result: Callable[[dict], list | None]) -> None:
         ray = self.ray
-        pending, idle, running = list(reversed(requests)), list(self.actors), {}
+        pending, idle, running = collections.deque(requests), list(self.actors), {}
         while pending or running:
             while pending and idle:
-                actor, request = idle.pop(), pending.pop()
+                actor, request = idle.pop(), pending.popleft()
                 # The stage ref is wrapped in a list so Ray does not fetch it for every call.
                 running[actor.run.remote(self.stage_key, [self.stage_ref], request)] = (actor, request)
             try:
@@ -323,7 +325,7 @@ class RayExecutor:
             for ref in done:
                 actor, request = running.pop(ref)
                 result = self._result(ref, request)
-                on_result(result)
+                pending.extend(on_result(result) or ())
                 if not (result.get("error") or "").startswith("worker died"):
                     idle.append(actor)
                     continue

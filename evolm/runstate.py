@@ -126,9 +126,10 @@ def genome_from_state(d: dict, fitness_class) -> Genome:
 
 
 def checkpoint_state(state: RunState, config: ExperimentConfig, k: int, gen: int | None,
-                     population: list[Genome], hof) -> dict:
-    """A checkpoint after generation ``gen`` of stage ``k`` (None: after its merge)."""
-    return {"stage": k, "generation": gen, "stage_done": gen is None,
+                     population: list[Genome], hof, steady: dict | None = None) -> dict:
+    """A checkpoint after generation ``gen`` of stage ``k`` (None: after its merge); ``steady``: the
+    steady-state search's children in flight and counts (``evolm.steady``)."""
+    return {"stage": k, "generation": gen, "stage_done": gen is None, "steady": steady,
             "population": [genome_state(g) for g in population], "hall_of_fame": [genome_state(g) for g in hof],
             "evolution_rng": tuples_to_lists(state.evolution.rng.getstate()),
             "loss_matrix": state.loss_matrix, "accuracy_matrix": state.accuracy_matrix, "summaries": [s.to_json() for s in state.summaries],
@@ -143,6 +144,7 @@ class ResumePoint:
     first_stage: int = 1
     first_gen: int = 0
     hall_of_fame: list[dict] | None = None
+    steady: dict | None = None
 
 
 def restore_search(checkpoint: dict | None, evolution: Evolution) -> ResumePoint:
@@ -156,7 +158,8 @@ def restore_search(checkpoint: dict | None, evolution: Evolution) -> ResumePoint
     population = [by_id[d["id"]] for d in checkpoint["population"]]
     if checkpoint["stage_done"]:
         return ResumePoint(population, checkpoint["stage"] + 1)
-    return ResumePoint(population, checkpoint["stage"], checkpoint["generation"] + 1, checkpoint["hall_of_fame"])
+    return ResumePoint(population, checkpoint["stage"], checkpoint["generation"] + 1, checkpoint["hall_of_fame"],
+                       checkpoint.get("steady"))
 
 
 # ----- provenance -----------------------------------------------------------------------------

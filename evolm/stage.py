@@ -76,8 +76,8 @@ class StageBudget:
 
 @dataclass
 class StageHooks:
-    checkpoint: Callable[[int, list[Genome]], None]
-    """After every generation: (generation, population)."""
+    checkpoint: Callable[..., None]
+    """After every generation: (generation, population[, steady-state search's own state])."""
     message: Callable[[str], None]
 
 
@@ -125,10 +125,14 @@ class GenerationStep:
         self.reporter.generation_start(self.stage, gen, len(todo))
         self.evaluator.evaluate(gen, todo)
         self.hall_of_fame.update(everyone)
+        self.line(gen, todo, everyone, time.perf_counter() - start)
+
+    def line(self, gen: int, evaluated: list[Genome], everyone: list[Genome], seconds: float) -> None:
+        """The generation's line in ``generations.jsonl``, and the reporter told."""
         record = GenerationRecord(stage=self.stage, stage_name=self.stage_name, generation=gen,
-                                  **fitness_summary(everyone), evaluations=len(todo),
-                                  failed=sum(1 for g in todo if not np.isfinite(g.fitness.values[0])),
-                                  seconds=time.perf_counter() - start, population=[g.id for g in everyone],
+                                  **fitness_summary(everyone), evaluations=len(evaluated),
+                                  failed=sum(1 for g in evaluated if not np.isfinite(g.fitness.values[0])),
+                                  seconds=seconds, population=[g.id for g in everyone],
                                   diversity=diversity(everyone, self.space or {}))
         append_jsonl(self.run_dir / "generations.jsonl", record.to_json())
         self.reporter.generation_end(record)
