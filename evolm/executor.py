@@ -244,6 +244,11 @@ def _environment_problem(ray, exc: BaseException) -> ClusterError | None:
                         f"then resume the run")
 
 
+def _unavailable(ray) -> type | tuple:
+    """Ray's error for a worker it cannot reach (its node lost); an older Ray may have none."""
+    return getattr(ray.exceptions, "ActorUnavailableError", ())
+
+
 @contextlib.contextmanager
 def _loopback_node():
     """A local cluster whose node IP is 127.0.0.1, so that every Ray server (GCS, raylet, object
@@ -305,6 +310,9 @@ class RayExecutor:
             **({"runtime_env": actor_env} if actor_env else {}))
         self.actors = [worker_cls.remote(threads, cfg.num_gpus_per_trial > 0) for _ in range(self.workers)]
         self.stage_ref = None
+        self.restarting = {}
+        """ready ref -> actor: a worker that became unreachable (its node lost), given work again once Ray
+        has restarted it; it may never come back (no room left on the other nodes)."""
 
     def set_stage(self, stage: StagePayload) -> None:
         # One object in the store per stage; each worker fetches it once, when the key changes.
@@ -312,33 +320,75 @@ class RayExecutor:
 
     def map(self, requests: list[EvalRequest], on_result: Callable[[dict], list | None]) -> None:
         ray = self.ray
-        pending, idle, running = collections.deque(requests), list(self.actors), {}
+        pending, running, lost = collections.deque(requests), {}, {}
+        idle = [a for a in self.actors if all(a is not b for b in self.restarting.values())]
+        warned = False
         while pending or running:
             while pending and idle:
                 actor, request = idle.pop(), pending.popleft()
                 # The stage ref is wrapped in a list so Ray does not fetch it for every call.
                 running[actor.run.remote(self.stage_key, [self.stage_ref], request)] = (actor, request)
+            if not running and not warned:
+                warned = True
+                log.warning("every Ray worker is lost (a node went away): waiting for Ray to restart one on "
+                            "a node with room (Ctrl-C stops the run; evolm resume continues it)")
             try:
-                done, _ = ray.wait(list(running), num_returns=1)
+                done, _ = ray.wait(list(running) + list(self.restarting), num_returns=1)
             except ray.exceptions.RaySystemError as exc:
                 raise ClusterError(f"lost the Ray cluster: {exc}; resume the run when it is back") from None
             for ref in done:
+                if ref in self.restarting:
+                    self._restarted(ref, idle)
+                    continue
                 actor, request = running.pop(ref)
-                result = self._result(ref, request)
+                try:
+                    result = self._result(ref, request, lost.get(id(request), 0) < self.cfg.max_retries)
+                except _unavailable(ray):
+                    # The worker's node was lost mid-evaluation (or before it started it). Ray (2.60)
+                    # spends its max_task_retries within a second on the unreachable address, before it
+                    # knows the node is dead, and then gives up ("the task may or may not have been
+                    # executed"); the actor it restarts needs room on another node, which may not be
+                    # there. Recording "worker died" would fail a genome for the cluster's loss: send the
+                    # evaluation again to the next free worker (it fixes its seed and threads, so the
+                    # result is the same), and give that actor work again only once it answers.
+                    lost[id(request)] = lost.get(id(request), 0) + 1
+                    log.warning("a Ray worker became unreachable evaluating %s (its node lost?): evaluating it "
+                                "again on the next free worker", request.genome_id)
+                    pending.appendleft(request)
+                    self.restarting[actor.__ray_ready__.remote()] = actor
+                    continue
                 pending.extend(on_result(result) or ())
                 if not (result.get("error") or "").startswith("worker died"):
                     idle.append(actor)
                     continue
-                self.actors.remove(actor)  # out of restarts: give it no more work
-                if not self.actors:
-                    raise ClusterError("every Ray worker died (see evaluations.jsonl); resume the run "
-                                       "once the cause (memory, a lost node) is fixed")
+                self._drop(actor)
 
-    def _result(self, ref, request: EvalRequest) -> dict:
+    def _restarted(self, ref, idle: list) -> None:
+        """A lost worker's readiness answered: back to work, or gone for good (out of restarts)."""
+        ray, actor = self.ray, self.restarting.pop(ref)
+        try:
+            ray.get(ref)
+        except _unavailable(ray):  # still unreachable (Ray has not yet seen the node die)
+            time.sleep(0.5)  # ask again, not in a busy loop
+            self.restarting[actor.__ray_ready__.remote()] = actor
+        except ray.exceptions.RayActorError:
+            self._drop(actor)
+        else:
+            idle.append(actor)
+
+    def _drop(self, actor) -> None:
+        self.actors.remove(actor)  # out of restarts: give it no more work
+        if not self.actors:
+            raise ClusterError("every Ray worker died (see evaluations.jsonl); resume the run "
+                               "once the cause (memory, a lost node) is fixed")
+
+    def _result(self, ref, request: EvalRequest, retry_unreachable: bool = False) -> dict:
         ray = self.ray
         try:
             return ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.RuntimeEnvSetupError) as exc:
+            if retry_unreachable and isinstance(exc, _unavailable(ray)):
+                raise  # the caller sends the evaluation again
             problem = _environment_problem(ray, exc)
             if problem is not None:  # the worker cannot run here at all: stop, nothing recorded as failed
                 raise problem from None

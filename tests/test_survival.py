@@ -4,7 +4,7 @@ Ray, in subprocesses, on tiny real models.
 - the driver SIGKILLed at seven points of one run, each resumed, ends bit-identical to an uninterrupted
   Ray run (genomes, objectives, rungs, every model's weights, loss matrix, merge curve);
 - a Ray worker SIGKILLed in the middle of an evaluation is restarted and the evaluation retried: the
-  run ends as the uninterrupted one;
+  run ends as the uninterrupted one (a whole node of a two-node cluster lost: ``tests/test_node_loss.py``);
 - a disk that fills up while a checkpoint, an adapter or a log line is written stops the run with one
   line, leaves the files before it whole, and the resumed run ends as the uninterrupted one;
 - two runs at once, each with its own local Ray, end as each did alone.
