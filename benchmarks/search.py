@@ -1,8 +1,8 @@
-"""Search: evolm against random search, Optuna TPE, a plain DEAP GA and Ray Tune ASHA, at an equal
+"""Search: evolm against random search, Optuna TPE, a plain DEAP GA, Ray Tune ASHA and PBT, at an equal
 budget of training steps, on the same task, the same search space and the same evaluation function.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/search.py --experiment experiments/quickstart.yaml \\
-        --stage code --seeds 0 1 2 --methods evolm,evolm-halving,evolm-inherit,evolm-halving-inherit,random,tpe,deap,asha
+        --stage code --seeds 0 1 2 --methods evolm,evolm-inherit,evolm-halving-inherit,evolm-async,random,tpe,deap,asha,pbt
 
 The task: LoRA fine-tuning of one base model on one stage (``--stage``, default the experiment's first);
 a genome's score is ``evolm.train.evaluate_genome``'s ``val_loss`` on the stage's validation split, and
@@ -61,13 +61,17 @@ from evolm.models import ModelPayload, family_and_layers, load_model, save_model
 from evolm.space import Boolean, Categorical, Integer, LayerMask, LogUniform, Uniform  # noqa: E402
 from evolm.train import evaluate_genome, pick_device  # noqa: E402
 
-METHODS = ("evolm", "evolm-halving", "evolm-inherit", "evolm-halving-inherit", "random", "tpe", "deap", "asha")
+METHODS = ("evolm", "evolm-halving", "evolm-inherit", "evolm-halving-inherit", "evolm-async", "random", "tpe", "deap",
+           "asha", "pbt")
 EVOLM_VARIANTS = {  # every setting explicit, so a change of evolm's defaults does not rename a variant
     "evolm": {"inherit_weights": False},  # the plain GA: (mu + lambda), fresh adapters, full budgets
     "evolm-halving": {"halving": {"rungs": 3, "reduction_factor": 3}, "inherit_weights": False},
     "evolm-inherit": {"inherit_weights": True},
     "evolm-halving-inherit": {"halving": {"rungs": 3, "reduction_factor": 3}, "inherit_weights": True},
+    "evolm-async": {"mode": "steady_state", "inherit_weights": True},  # asynchronous steady state
 }
+PBT_MUTABLE = ("learning_rate", "weight_decay", "warmup_ratio", "lora_dropout")
+"""Genes PBT may perturb in a running trial (the others shape the adapter or its schedule)."""
 INF = float("inf")
 
 
@@ -152,11 +156,11 @@ class QuietReporter(Reporter):
     def message(self, text: str) -> None:
         pass
 
-    def generation_end(self, record: dict) -> None:
-        print(f"  {self.label} gen {record['generation']}: best {record['best']} | {record['evaluations']} evals, "
-              f"{record['failed']} failed, {record['seconds']:.0f}s", flush=True)
+    def generation_end(self, record) -> None:
+        print(f"  {self.label} gen {record.generation}: best {record.best} | {record.evaluations} evals, "
+              f"{record.failed} failed, {record.seconds:.0f}s", flush=True)
 
-    def stage_end(self, summary: dict) -> None:
+    def stage_end(self, summary) -> None:
         pass
 
 
@@ -448,6 +452,104 @@ def run_asha(task: Task, seed: int, budget: int, args, out: Path) -> dict:
     return {"rows": rows, "trials": len({r["trial"] for r in stopper.reports}) + len(errors)}
 
 
+# ----- Ray Tune PBT ---------------------------------------------------------------------------------
+def pbt_trial(config: dict, stage: StagePayload, genomes: list, seed: int, threads: int, chunk: int,
+              use_gpu: bool) -> None:
+    """One PBT trial: genome ``config["index"]`` with the perturbable genes taken from ``config``,
+    trained chunk by chunk with evolm's pausable training, a checkpoint (the paused state: adapter,
+    AdamW moments, random streams, step) with every report. A trial PBT restarts from another's
+    checkpoint goes on from that state with its own (perturbed) learning rate and the rest."""
+    import tempfile
+
+    from ray import tune
+    from safetensors.numpy import load_file, save_file
+
+    torch.set_num_threads(threads)
+    values = dict(genomes[config["index"]]) | {k: config[k] for k in PBT_MUTABLE if k in config}
+    hp, device = hyperparameters(values, stage.training), pick_device(use_gpu)
+    base, blocks = stage.model.build(), {s: stage.blocks[s] for s in ("train", "validation")}
+    state, done = None, 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_file(str(Path(folder) / "state.safetensors"))
+        done = int(state["step"][0])
+    trial_seed = evaluation_seed(seed, 1, f"pbt-{config['index']}")
+    while True:
+        result = evaluate_genome(base, blocks, hp, trial_seed, stage.training, device, resume=state,
+                                 stop_at=done + chunk)
+        val = result["objectives"].get("val_loss", INF)
+        ok = result.get("steps") is not None and math.isfinite(val)
+        metrics = {"val_loss": val if ok else INF, "steps": result.get("steps") or done,
+                   "chunk_steps": (result.get("steps") or done) - done, "failed": not ok}
+        state = result.get("state")
+        if not ok or state is None:  # failed, or trained to its max_steps
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_file(state, str(Path(folder) / "state.safetensors"))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        done = result["steps"]
+
+
+def run_pbt(task: Task, seed: int, budget: int, args, out: Path) -> dict:
+    """Ray Tune's Population Based Training, the closest peer: ``--population`` trials of evolm's random
+    genomes, ``workers`` at a time (PBT pauses trials so that all progress alike), each trained for
+    budget / population steps (its schedule's length), the bottom quarter restarting every
+    ``--pbt-interval`` steps from a top trial's checkpoint with the perturbable genes resampled or
+    scaled (PBT's explore), until the reported steps reach the budget."""
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    class StepBudget(tune.Stopper):
+        def __init__(self):
+            self.spent, self.reports = 0, []
+
+        def __call__(self, trial_id, result):
+            self.spent += int(result["chunk_steps"])
+            self.reports.append({"trial": trial_id, "index": result["config"]["index"], "val_loss": result["val_loss"],
+                                 "steps": int(result["chunk_steps"]), "failed": bool(result["failed"]),
+                                 "values": {k: result["config"].get(k) for k in PBT_MUTABLE if k in result["config"]}})
+            return False
+
+        def stop_all(self):
+            return self.spent >= budget
+
+    rng = random.Random(evaluation_seed(seed, 0, "pbt-search"))
+    trial_steps = math.ceil(budget / args.population)
+    genomes = [{name: gene.sample(rng) for name, gene in task.space.items()} | {"max_steps": trial_steps}
+               for _ in range(args.population)]
+    mutable = [k for k in PBT_MUTABLE if k in task.space]
+    sampler = random.Random(evaluation_seed(seed, 0, "pbt-explore"))
+    mutations = {k: (lambda gene=task.space[k]: gene.sample(sampler)) for k in mutable}
+    param_space = {"index": tune.grid_search(list(range(args.population)))}
+    param_space |= {k: tune.sample_from(lambda spec, k=k: genomes[spec.config["index"]][k]) for k in mutable}
+    cpus, gpus = task.config.ray.num_cpus_per_trial, task.config.ray.num_gpus_per_trial
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    stopper = StepBudget()
+    trainable = tune.with_resources(
+        tune.with_parameters(pbt_trial, stage=task.stage_payload(f"pbt-{seed}"), genomes=genomes, seed=seed,
+                             threads=max(1, int(cpus)), chunk=args.asha_chunk, use_gpu=gpus > 0),
+        {"cpu": cpus, "gpu": gpus})
+    scheduler = PopulationBasedTraining(time_attr="steps", perturbation_interval=args.pbt_interval,
+                                        hyperparam_mutations=mutations, quantile_fraction=0.25,
+                                        resample_probability=0.25, synch=False)
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
+                                    max_concurrent_trials=task.workers, reuse_actors=False,
+                                    trial_dirname_creator=lambda trial: trial.trial_id),
+        # every checkpoint kept: PBT may restart a trial from any top trial's latest (a few hundred KB each)
+        run_config=tune.RunConfig(name="tune", storage_path=str(out.resolve()), stop=stopper, verbose=0))
+    grid = tuner.fit()
+    errors = [str(e).splitlines()[0] for e in grid.errors]
+    rows = [{"values": genomes[r["index"]] | r["values"], "val_loss": r["val_loss"], "steps": r["steps"],
+             "status": "failed" if r["failed"] else "ok", "trial": r["trial"]} for r in stopper.reports]
+    rows += [{"val_loss": INF, "steps": 0, "status": "failed", "error": e} for e in errors]
+    return {"rows": rows, "trials": len({r["trial"] for r in stopper.reports}) + len(errors)}
+
+
 # ----- scoring --------------------------------------------------------------------------------------
 def score(rows: list[dict], budget: int | None) -> dict:
     """Best val loss among the rows that started within ``budget`` steps, and the best-so-far curve."""
@@ -552,9 +654,10 @@ def main(argv=None) -> int:
     p.add_argument("--deap-cxpb", type=float, default=0.5)
     p.add_argument("--deap-mutpb", type=float, default=0.2)
     p.add_argument("--deap-eta", type=float, default=20.0, help="crowding degree of mutPolynomialBounded")
-    p.add_argument("--asha-chunk", type=int, default=10, help="steps between two reports of a trial")
+    p.add_argument("--asha-chunk", type=int, default=10, help="steps between two reports of a trial (ASHA, PBT)")
     p.add_argument("--asha-grace", type=int, default=10, help="ASHA grace period, in steps")
     p.add_argument("--asha-reduction-factor", type=float, default=3)
+    p.add_argument("--pbt-interval", type=int, default=20, help="PBT's perturbation interval, in steps")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -614,6 +717,8 @@ def run_all(task: Task, methods: list[str], raw: dict, args, base_dir: Path) -> 
                 run = run_evolm(task, method, seed, args, raw, out, budget)
             elif method == "asha":
                 run = run_asha(task, seed, budget, args, out)
+            elif method == "pbt":
+                run = run_pbt(task, seed, budget, args, out)
             else:
                 run = {"random": run_random, "tpe": run_tpe, "deap": run_deap}[method](task, seed, budget, args)
             seconds = time.perf_counter() - start
@@ -655,7 +760,21 @@ def report(results: dict, seeds: list[int]) -> dict:
     baselines = [medians[m] for m in medians if m not in EVOLM_VARIANTS]
     if baselines:  # target: evolm's median best below every baseline's
         out["lowest_median_vs_baselines"] = {m: medians[m] < min(baselines) for m in medians if m in EVOLM_VARIANTS}
-    for variant in ("evolm-halving", "evolm-inherit", "evolm-halving-inherit"):
+    best_peer = {}
+    for s in seeds:  # the baseline with the lowest best loss at this seed, and the steps it took to get there
+        peers = [(r[str(s)]["best_val_loss"], m) for m, r in results.items()
+                 if m not in EVOLM_VARIANTS and str(s) in r and r[str(s)]["best_val_loss"] is not None]
+        if peers:
+            loss, peer = min(peers)
+            best_peer[str(s)] = {"method": peer, "loss": loss,
+                                 "steps": steps_to_reach(results[peer][str(s)]["curve"], loss)}
+    if best_peer:
+        out["best_peer"] = best_peer
+        # share of the best peer's steps each evolm variant needs to reach the best peer's loss (None: never)
+        out["fraction_of_best_peer_steps"] = {
+            m: {s: (None if (reach := steps_to_reach(results[m][s]["curve"], p["loss"])) is None else reach / p["steps"])
+                for s, p in best_peer.items() if s in results[m]} for m in results if m in EVOLM_VARIANTS}
+    for variant in ("evolm-halving", "evolm-inherit", "evolm-halving-inherit", "evolm-async"):
         if variant in results and "evolm" in results:
             # share of plain evolm's steps the variant needs to reach plain evolm's best (None: never)
             fractions = {}
@@ -678,7 +797,13 @@ def format_report(rep: dict) -> str:
     lines.append("")
     for method, lowest in rep.get("lowest_median_vs_baselines", {}).items():
         lines.append(f"{method}: median best val loss below every baseline's: {'yes' if lowest else 'no'}")
-    for key in (f"{v}_fraction_of_evolm_steps" for v in ("evolm-halving", "evolm-inherit", "evolm-halving-inherit")):
+    for s, p in rep.get("best_peer", {}).items():
+        lines.append(f"seed {s}: best peer {p['method']} {p['loss']:.4f} after {p['steps']} steps")
+    for method, fractions in rep.get("fraction_of_best_peer_steps", {}).items():
+        shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in fractions.items())
+        lines.append(f"{method}: steps to reach the best peer's loss, as a share of the peer's: {shown}")
+    for key in (f"{v}_fraction_of_evolm_steps"
+                for v in ("evolm-halving", "evolm-inherit", "evolm-halving-inherit", "evolm-async")):
         if key in rep:
             shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in rep[key].items())
             lines.append(f"{key.split('_')[0]}: steps to reach plain evolm's best, as a share of plain evolm's "
