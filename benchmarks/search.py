@@ -61,14 +61,16 @@ from evolm.models import ModelPayload, family_and_layers, load_model, save_model
 from evolm.space import Boolean, Categorical, Integer, LayerMask, LogUniform, Uniform  # noqa: E402
 from evolm.train import evaluate_genome, pick_device  # noqa: E402
 
-METHODS = ("evolm", "evolm-halving", "evolm-inherit", "evolm-halving-inherit", "evolm-async", "random", "tpe", "deap",
-           "asha", "pbt")
+METHODS = ("evolm", "evolm-halving", "evolm-inherit", "evolm-halving-inherit", "evolm-async", "evolm-async-halving",
+           "random", "tpe", "deap", "asha", "pbt")
 EVOLM_VARIANTS = {  # every setting explicit, so a change of evolm's defaults does not rename a variant
     "evolm": {"inherit_weights": False},  # the plain GA: (mu + lambda), fresh adapters, full budgets
     "evolm-halving": {"halving": {"rungs": 3, "reduction_factor": 3}, "inherit_weights": False},
     "evolm-inherit": {"inherit_weights": True},
     "evolm-halving-inherit": {"halving": {"rungs": 3, "reduction_factor": 3}, "inherit_weights": True},
     "evolm-async": {"mode": "steady_state", "inherit_weights": True},  # asynchronous steady state
+    "evolm-async-halving": {"mode": "steady_state", "halving": {"rungs": 3, "reduction_factor": 3},
+                            "inherit_weights": True},  # and asynchronous promotion (ASHA's rule)
 }
 PBT_MUTABLE = ("learning_rate", "weight_decay", "warmup_ratio", "lora_dropout")
 """Genes PBT may perturb in a running trial (the others shape the adapter or its schedule)."""
@@ -774,7 +776,7 @@ def report(results: dict, seeds: list[int]) -> dict:
         out["fraction_of_best_peer_steps"] = {
             m: {s: (None if (reach := steps_to_reach(results[m][s]["curve"], p["loss"])) is None else reach / p["steps"])
                 for s, p in best_peer.items() if s in results[m]} for m in results if m in EVOLM_VARIANTS}
-    for variant in ("evolm-halving", "evolm-inherit", "evolm-halving-inherit", "evolm-async"):
+    for variant in [m for m in EVOLM_VARIANTS if m != "evolm"]:
         if variant in results and "evolm" in results:
             # share of plain evolm's steps the variant needs to reach plain evolm's best (None: never)
             fractions = {}
@@ -802,8 +804,7 @@ def format_report(rep: dict) -> str:
     for method, fractions in rep.get("fraction_of_best_peer_steps", {}).items():
         shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in fractions.items())
         lines.append(f"{method}: steps to reach the best peer's loss, as a share of the peer's: {shown}")
-    for key in (f"{v}_fraction_of_evolm_steps"
-                for v in ("evolm-halving", "evolm-inherit", "evolm-halving-inherit", "evolm-async")):
+    for key in (f"{v}_fraction_of_evolm_steps" for v in EVOLM_VARIANTS if v != "evolm"):
         if key in rep:
             shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in rep[key].items())
             lines.append(f"{key.split('_')[0]}: steps to reach plain evolm's best, as a share of plain evolm's "

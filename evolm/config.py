@@ -136,7 +136,8 @@ class SearchConfig(Section):
     the population (the worst of mu + 1 leaves) and the worker trains a new child bred from it, as
     many children in all as the generational search trains (``evolm.steady``). Results are taken in
     the order they finish, which the ledger records: a resume replays it exactly; on several workers
-    two fresh runs may differ. Replacing the worst keeps the best genome (``elitism`` is implied)."""
+    two fresh runs may differ. Replacing the worst keeps the best genome (``elitism`` is implied).
+    With ``halving``, promotion is asynchronous (ASHA's rule, at each rung result)."""
     tournament_size: int = Field(default=3, ge=2)
     elitism: int = Field(default=1, ge=0)
     """The best this-many genomes always survive selection."""
@@ -193,10 +194,10 @@ class SearchConfig(Section):
         if self.crossover_prob + self.mutation_prob > 1:
             raise ValueError(f"crossover_prob + mutation_prob must be <= 1 "
                              f"(now {self.crossover_prob} + {self.mutation_prob})")
-        if self.mode == "steady_state" and (self.halving.rungs > 1 or self.scheduler == "halving"):
-            raise ValueError("search.mode steady_state trains every child to its max_steps as soon as a worker "
-                             "is free; successive halving is generation by generation: set search.halving.rungs "
-                             "to 1 (and no scheduler), or search.mode to generational")
+        if self.mode == "steady_state" and self.scheduler is not None:
+            raise ValueError(f"search.scheduler {self.scheduler} schedules a generation's evaluations; "
+                             f"search.mode steady_state schedules its own (with asynchronous halving when "
+                             f"search.halving.rungs > 1): remove search.scheduler")
         if self.elitism > self.population_size:
             raise ValueError(f"elitism ({self.elitism}) must be <= population_size ({self.population_size})")
         for name, gene in self.space.items():

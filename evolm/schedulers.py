@@ -71,12 +71,7 @@ class SuccessiveHalving:
                     requests.append(ev.request(gen, g, rung, stop))
 
             def on_result(result: dict, rung=rung, last=last) -> None:
-                if rung > 0:  # what the earlier rungs did belongs to this evaluation too
-                    before = ledger.rungs[(gen, result["genome_id"], rung - 1)]
-                    result["inherited"] = before.get("inherited")
-                    result["steps"] = result.get("steps") or before.get("steps")  # a failure reports none
-                    for k in ("seconds", "train_seconds"):
-                        result[k] = (result.get(k) or 0.0) + (before.get(k) or 0.0)
+                self.fold_earlier(gen, rung, result)
                 if last:
                     finished(result | {"rung": rung, "halted": False})
                 else:
@@ -98,13 +93,23 @@ class SuccessiveHalving:
                     finished(self._rung_result(gen, rung, results[g.id]))
             alive = [g for g in alive if g.id in promoted]
 
-    def _save_rung(self, gen: int, rung: int, result: dict) -> dict:
-        """A rung's adapter and paused state to disk, then its record to ``rungs.jsonl``."""
+    def fold_earlier(self, gen: int, rung: int, result: dict) -> None:
+        """What the earlier rungs did belongs to this evaluation too: their inheritance, seconds, steps."""
+        if rung == 0:
+            return
+        before = self.evaluator.ledger.rungs[(gen, result["genome_id"], rung - 1)]
+        result["inherited"] = before.get("inherited")
+        result["steps"] = result.get("steps") or before.get("steps")  # a failure reports none
+        for k in ("seconds", "train_seconds"):
+            result[k] = (result.get(k) or 0.0) + (before.get(k) or 0.0)
+
+    def _save_rung(self, gen: int, rung: int, result: dict, extra: dict | None = None) -> dict:
+        """A rung's adapter and paused state to disk, then its record (and ``extra``) to ``rungs.jsonl``."""
         state = result.pop("state", None)
         record = {k: result.get(k) for k in ("genome_id", "status", "objectives", "error", "traceback", "curve",
                                              "adapter_params", "steps", "inherited", "seconds", "train_seconds",
                                              "worker", "node", "device", "dtype")}
-        record.update(stage=self.evaluator.stage, generation=gen, rung=rung, complete=state is None)
+        record.update(stage=self.evaluator.stage, generation=gen, rung=rung, complete=state is None, **(extra or {}))
         if result["status"] == "ok":
             arrays = {f"adapter.{k}": v for k, v in result["adapter"].items()} | (state or {})
             self.evaluator.ledger.save_rung_state(result["genome_id"], rung, arrays)

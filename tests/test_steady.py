@@ -2,10 +2,12 @@
 
 - survival and breeding: the child replaces the worst of mu + 1, a tie keeps the elders, ids never repeat;
 - a run trains as many children as the generational search, one line per offspring_size takes;
-- SIGKILLed mid-generation and between generations (``--no-ray``: takes in birth order), resumed, it
-  ends bit-identical to the uninterrupted run;
-- on Ray with two workers (takes in the order they finish), killed and resumed, no recorded take is
-  lost or trained again, and the finished run replayed from its ledger alone, on another executor,
+- asynchronous halving promotes a rung result by ASHA's rule as it arrives and takes the others as they
+  stand;
+- SIGKILLed mid-generation, between generations and between a rung and a take (``--no-ray``: takes in
+  birth order), resumed, it ends bit-identical to the uninterrupted run;
+- on Ray with two workers and asynchronous halving (rung results and takes in the order they finish),
+  killed and resumed, no recorded rung or take is lost or trained again, and the finished run replayed from its ledger alone, on another executor,
   ends bit-identical: the run is a function of its seed and its recorded take order.
 """
 import random
@@ -26,10 +28,12 @@ from tests.conftest import tiny_experiment, write_experiment
 from tests.test_survival import assert_nothing_done_twice, assert_same, outcome
 
 
-def steady_experiment(corpora, out_dir):
+def steady_experiment(corpora, out_dir, halving=False):
     raw = tiny_experiment(corpora, out_dir)
     del raw["model"]["pretrain"]
     raw["search"].update(mode="steady_state", generations=2)
+    if halving:  # asynchronous promotion: a child trains half its steps, then goes on or is taken
+        raw["search"]["halving"] = {"rungs": 2, "reduction_factor": 2}
     raw["search"]["space"]["max_steps"] = {"type": "int", "low": 15, "high": 30}  # long enough to be killed in
     raw["merge"] = {"strengths": [0.5, 1.0], "candidates": 1}
     return raw
@@ -76,10 +80,10 @@ def test_breeding_numbers_children_in_batches_of_offspring_size():
     assert all(0.0 <= c.values["x"] <= 1.0 for c in children)
 
 
-def test_steady_state_with_halving_is_refused_saying_why(corpora, tmp_path):
+def test_steady_state_with_a_generation_scheduler_is_refused_saying_why(corpora, tmp_path):
     raw = steady_experiment(corpora, tmp_path)
-    raw["search"]["halving"] = {"rungs": 2}
-    with pytest.raises(ConfigError, match="steady_state.*halving.rungs"):
+    raw["search"]["scheduler"] = "fifo"
+    with pytest.raises(ConfigError, match="steady_state schedules its own.*remove search.scheduler"):
         parse_config(raw)
 
 
@@ -90,6 +94,15 @@ def reference(corpora, tmp_path_factory):
     """The steady-state experiment run uninterrupted without Ray."""
     tmp = tmp_path_factory.mktemp("steady")
     exp = write_experiment(tmp / "steady.yaml", steady_experiment(corpora, tmp / "results"))
+    run_to_end("run", exp, "--name", "ref", "--no-ray")
+    return exp, tmp / "results" / "ref"
+
+
+@pytest.fixture(scope="module")
+def halving_reference(corpora, tmp_path_factory):
+    """The steady-state experiment with asynchronous halving, run uninterrupted without Ray."""
+    tmp = tmp_path_factory.mktemp("steady-halving")
+    exp = write_experiment(tmp / "steady.yaml", steady_experiment(corpora, tmp / "results", halving=True))
     run_to_end("run", exp, "--name", "ref", "--no-ray")
     return exp, tmp / "results" / "ref"
 
@@ -112,15 +125,35 @@ def test_a_steady_run_trains_as_many_children_as_generations_would(reference):
     assert any(r["inherited"] for r in evals if r["generation"] > 0)  # children start from their parents
 
 
+def test_asynchronous_halving_promotes_by_ashas_rule_and_takes_the_rest_as_they_stand(halving_reference):
+    _, run_dir = halving_reference
+    # generation 0 halves as the generational search does; the children's rungs carry takes_before
+    rungs = [r for r in read_jsonl(run_dir / "rungs.jsonl") if r["stage"] == 1 and "takes_before" in r]
+    evals = {r["genome_id"]: r for r in read_jsonl(run_dir / "evaluations.jsonl") if r["stage"] == 1 and r["generation"] > 0}
+    assert len(rungs) == 6 and [r["takes_before"] for r in rungs] == sorted(r["takes_before"] for r in rungs)
+    seen = []
+    for r in rungs:  # each rung-0 result in arrival order: promoted iff within the best half of those so far
+        seen.append(r["objectives"]["val_loss"])
+        best_half = sorted(seen)[: -(-len(seen) // 2)]
+        promoted = not r["complete"] and r["objectives"]["val_loss"] <= best_half[-1]
+        taken = evals[r["genome_id"]]
+        assert (taken["rung"], taken["halted"]) == ((1, False) if promoted else (0, not r["complete"]))
+        if promoted:  # trained on from where it paused: its steps are its max_steps, counted once
+            assert taken["steps"] == taken["values"]["max_steps"] and taken["steps"] > r["steps"]
+    assert {e["rung"] for e in evals.values()} == {0, 1}  # some promoted, some taken at rung 0
+
+
 KILL_POINTS = {
     "mid-generation": lambda d: len(lines(d / "evaluations.jsonl", stage=1, generation=1)) >= 1,
     "between generations": lambda d: (d / "checkpoints" / "s001-g0001.json").exists(),
+    "after a rung, before its child's take": lambda d: len(lines(d / "rungs.jsonl", stage=1)) >= 2,
 }
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_killed_and_resumed_without_ray_it_ends_as_the_uninterrupted_run(reference, point, tmp_path):
-    exp, ref = reference
+def test_killed_and_resumed_without_ray_it_ends_as_the_uninterrupted_run(reference, halving_reference, point,
+                                                                          tmp_path):
+    exp, ref = halving_reference if "rung" in point else reference
     run_dir = tmp_path / "killed"
     assert kill_when(["run", here(exp, tmp_path), "--name", "killed", "--no-ray"], lambda: KILL_POINTS[point](run_dir))
     assert not (run_dir / "summary.json").exists()
@@ -141,8 +174,9 @@ def replayed_from_ledger(run_dir, into):
     return into
 
 
-def test_on_ray_killed_and_resumed_nothing_is_lost_and_the_ledger_replays_it_exactly(reference, tmp_path):
-    exp, _ = reference
+def test_on_ray_killed_and_resumed_nothing_is_lost_and_the_ledger_replays_it_exactly(halving_reference, tmp_path):
+    """With asynchronous halving: rung results and takes both arrive in the order the workers finish."""
+    exp, _ = halving_reference
     run_dir = tmp_path / "ray"
     before = {}
 
@@ -150,6 +184,7 @@ def test_on_ray_killed_and_resumed_nothing_is_lost_and_the_ledger_replays_it_exa
         done = lines(run_dir / "evaluations.jsonl", stage=1, generation=1)
         if done and not lines(run_dir / "generations.jsonl", stage=1, generation=1):
             before["records"] = (run_dir / "evaluations.jsonl").read_text().splitlines()
+            before["rungs"] = lines(run_dir / "rungs.jsonl")
             return True
         return False
 
@@ -158,6 +193,7 @@ def test_on_ray_killed_and_resumed_nothing_is_lost_and_the_ledger_replays_it_exa
     after = (run_dir / "evaluations.jsonl").read_text().splitlines()
     assert after[: len(before["records"])] == before["records"]  # every take recorded before the kill kept
     assert_nothing_done_twice(run_dir)
+    assert lines(run_dir / "rungs.jsonl")[: len(before["rungs"])] == before["rungs"]
     evals = read_jsonl(run_dir / "evaluations.jsonl")
     assert Counter((r["stage"], r["generation"]) for r in evals) == {(s, g): 3 for s in (1, 2) for g in (0, 1, 2)}
     workers = {r["worker"] for r in evals if r["generation"] > 0}
