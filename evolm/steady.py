@@ -61,7 +61,8 @@ class SteadyState:
     taken: int = 0
     born: int = 0
     spent: int = 0
-    """Steps the children bred so far will train (their max_steps): the step budget is decided on it."""
+    """Steps planned so far: each child's max_steps (with halving: its rung-0 share, plus each
+    promotion's); the step budget is decided on it, so a resume decides the same."""
     stopped: str | None = None
     rung_of: dict[str, int] = field(default_factory=dict)
     """The rung each child in flight is training (0 without halving)."""
