@@ -660,7 +660,11 @@ def main(argv=None) -> int:
     p.add_argument("--asha-grace", type=int, default=10, help="ASHA grace period, in steps")
     p.add_argument("--asha-reduction-factor", type=float, default=3)
     p.add_argument("--pbt-interval", type=int, default=20, help="PBT's perturbation interval, in steps")
+    p.add_argument("--report-from", type=Path, nargs="+", metavar="SEARCH_JSON",
+                   help="print the report of earlier runs' search.json files (their methods merged), run nothing")
     args = p.parse_args(argv)
+    if args.report_from:
+        return print_merged_report(args.report_from)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -768,13 +772,18 @@ def report(results: dict, seeds: list[int]) -> dict:
                  if m not in EVOLM_VARIANTS and str(s) in r and r[str(s)]["best_val_loss"] is not None]
         if peers:
             loss, peer = min(peers)
-            best_peer[str(s)] = {"method": peer, "loss": loss,
+            best_peer[str(s)] = {"method": peer, "loss": loss, "total_steps": results[peer][str(s)]["steps"],
                                  "steps": steps_to_reach(results[peer][str(s)]["curve"], loss)}
     if best_peer:
         out["best_peer"] = best_peer
         # share of the best peer's steps each evolm variant needs to reach the best peer's loss (None: never)
         out["fraction_of_best_peer_steps"] = {
             m: {s: (None if (reach := steps_to_reach(results[m][s]["curve"], p["loss"])) is None else reach / p["steps"])
+                for s, p in best_peer.items() if s in results[m]} for m in results if m in EVOLM_VARIANTS}
+        # the same, as a share of all the steps the peer trained (its budget)
+        out["fraction_of_best_peer_total_steps"] = {
+            m: {s: (None if (reach := steps_to_reach(results[m][s]["curve"], p["loss"])) is None
+                    else reach / p["total_steps"])
                 for s, p in best_peer.items() if s in results[m]} for m in results if m in EVOLM_VARIANTS}
     for variant in [m for m in EVOLM_VARIANTS if m != "evolm"]:
         if variant in results and "evolm" in results:
@@ -789,6 +798,19 @@ def report(results: dict, seeds: list[int]) -> dict:
     return out
 
 
+def print_merged_report(paths: list[Path]) -> int:
+    """The report of several runs of this script on one task (e.g. a method added later): their
+    results merged, the first file's winning for a method they share."""
+    results, seeds = {}, None
+    for path in paths:
+        for method, per_seed in json.loads(path.read_text())["results"].items():
+            results.setdefault(method, per_seed)
+            present = [int(s) for s in per_seed]
+            seeds = present if seeds is None else [s for s in seeds if s in present]
+    print(format_report(report(results, seeds)))
+    return 0
+
+
 def format_report(rep: dict) -> str:
     lines = ["| method | median best val loss | min-max over seeds | median steps | median evaluations | "
              "failed evaluations | median seconds |", "|---|---|---|---|---|---|---|"]
@@ -800,10 +822,15 @@ def format_report(rep: dict) -> str:
     for method, lowest in rep.get("lowest_median_vs_baselines", {}).items():
         lines.append(f"{method}: median best val loss below every baseline's: {'yes' if lowest else 'no'}")
     for s, p in rep.get("best_peer", {}).items():
-        lines.append(f"seed {s}: best peer {p['method']} {p['loss']:.4f} after {p['steps']} steps")
+        lines.append(f"seed {s}: best peer {p['method']} {p['loss']:.4f} after {p['steps']} of its "
+                     f"{p.get('total_steps')} steps")
     for method, fractions in rep.get("fraction_of_best_peer_steps", {}).items():
         shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in fractions.items())
-        lines.append(f"{method}: steps to reach the best peer's loss, as a share of the peer's: {shown}")
+        lines.append(f"{method}: steps to reach the best peer's loss, as a share of the steps the peer took to "
+                     f"reach it: {shown}")
+    for method, fractions in rep.get("fraction_of_best_peer_total_steps", {}).items():
+        shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in fractions.items())
+        lines.append(f"{method}: ... as a share of all the peer's steps: {shown}")
     for key in (f"{v}_fraction_of_evolm_steps" for v in EVOLM_VARIANTS if v != "evolm"):
         if key in rep:
             shown = ", ".join(f"seed {s} {'never' if f is None else f'{f:.0%}'}" for s, f in rep[key].items())
