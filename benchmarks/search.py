@@ -622,6 +622,9 @@ def benchmark_config(args):
     raw["stages"] = [s for s in raw["stages"] if s["name"] == stage]
     search = raw["search"]
     search.update(objectives=["val_loss"], winner={"rule": "min_first", "epsilon": 0.05})
+    # how the experiment searches is what the methods compare: each variant sets its own
+    search.update(mode="generational", halving={"rungs": 1, "reduction_factor": 3}, step_budget=None,
+                  time_budget=None, run_time_budget=None, scheduler=None)
     for key, value in (("population_size", args.population), ("offspring_size", args.offspring),
                        ("generations", args.generations)):
         if value is not None:
