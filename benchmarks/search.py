@@ -376,6 +376,30 @@ def run_deap(task: Task, seed: int, budget: int, args) -> dict:
 
 
 # ----- Ray Tune ASHA --------------------------------------------------------------------------------
+def step_budget_stopper(budget: int):
+    """A Tune stopper that records every report (its steps, loss, the perturbable genes PBT may have
+    changed) and ends the experiment once the reported steps reach ``budget``."""
+    from ray import tune
+
+    class StepBudget(tune.Stopper):
+        def __init__(self):
+            self.spent, self.reports = 0, []
+
+        def __call__(self, trial_id, result):
+            config = result["config"]
+            self.spent += int(result["chunk_steps"])
+            self.reports.append({"trial": trial_id, "index": config["index"], "val_loss": result["val_loss"],
+                                 "steps": int(result["chunk_steps"]), "trial_steps": int(result["steps"]),
+                                 "failed": bool(result["failed"]),
+                                 "values": {k: config[k] for k in PBT_MUTABLE if k in config}})
+            return False
+
+        def stop_all(self):
+            return self.spent >= budget
+
+    return StepBudget()
+
+
 def asha_trial(config: dict, stage: StagePayload, genomes: list, seeds: list, threads: int, chunk: int,
                use_gpu: bool) -> None:
     """One Ray Tune trial: train genome ``config["index"]`` chunk by chunk with evolm's pausable
@@ -406,20 +430,6 @@ def run_asha(task: Task, seed: int, budget: int, args, out: Path) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    class StepBudget(tune.Stopper):
-        def __init__(self):
-            self.spent, self.reports = 0, []
-
-        def __call__(self, trial_id, result):
-            self.spent += int(result["chunk_steps"])
-            self.reports.append({"trial": trial_id, "index": result["config"]["index"], "val_loss": result["val_loss"],
-                                 "steps": int(result["chunk_steps"]), "trial_steps": int(result["steps"]),
-                                 "failed": bool(result["failed"])})
-            return False
-
-        def stop_all(self):
-            return self.spent >= budget
-
     rng = random.Random(evaluation_seed(seed, 0, "asha-search"))
     step_gene = task.space.get("max_steps")
     max_t = step_gene.high if isinstance(step_gene, Integer) else int(task.training["max_steps"])
@@ -431,7 +441,7 @@ def run_asha(task: Task, seed: int, budget: int, args, out: Path) -> dict:
     cpus, gpus = task.config.ray.num_cpus_per_trial, task.config.ray.num_gpus_per_trial
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    stopper = StepBudget()
+    stopper = step_budget_stopper(budget)
     trainable = tune.with_resources(
         tune.with_parameters(asha_trial, stage=task.stage_payload(f"asha-{seed}"), genomes=genomes, seeds=seeds,
                              threads=max(1, int(cpus)), chunk=args.asha_chunk, use_gpu=gpus > 0),
@@ -503,20 +513,6 @@ def run_pbt(task: Task, seed: int, budget: int, args, out: Path) -> dict:
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    class StepBudget(tune.Stopper):
-        def __init__(self):
-            self.spent, self.reports = 0, []
-
-        def __call__(self, trial_id, result):
-            self.spent += int(result["chunk_steps"])
-            self.reports.append({"trial": trial_id, "index": result["config"]["index"], "val_loss": result["val_loss"],
-                                 "steps": int(result["chunk_steps"]), "failed": bool(result["failed"]),
-                                 "values": {k: result["config"].get(k) for k in PBT_MUTABLE if k in result["config"]}})
-            return False
-
-        def stop_all(self):
-            return self.spent >= budget
-
     rng = random.Random(evaluation_seed(seed, 0, "pbt-search"))
     trial_steps = math.ceil(budget / args.population)
     genomes = [{name: gene.sample(rng) for name, gene in task.space.items()} | {"max_steps": trial_steps}
@@ -529,7 +525,7 @@ def run_pbt(task: Task, seed: int, budget: int, args, out: Path) -> dict:
     cpus, gpus = task.config.ray.num_cpus_per_trial, task.config.ray.num_gpus_per_trial
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    stopper = StepBudget()
+    stopper = step_budget_stopper(budget)
     trainable = tune.with_resources(
         tune.with_parameters(pbt_trial, stage=task.stage_payload(f"pbt-{seed}"), genomes=genomes, seed=seed,
                              threads=max(1, int(cpus)), chunk=args.asha_chunk, use_gpu=gpus > 0),
