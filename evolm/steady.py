@@ -61,8 +61,9 @@ class SteadyState:
     taken: int = 0
     born: int = 0
     spent: int = 0
-    """Steps planned so far: each child's max_steps (with halving: its rung-0 share, plus each
-    promotion's); the step budget is decided on it, so a resume decides the same."""
+    """Steps planned so far: generation 0's trained steps, then each child's max_steps (with halving:
+    its rung-0 share, plus each promotion's); the step budget is decided on it, so a resume decides
+    the same."""
     stopped: str | None = None
     rung_of: dict[str, int] = field(default_factory=dict)
     """The rung each child in flight is training (0 without halving)."""
@@ -100,6 +101,7 @@ class SteadyState:
         self.restore(first_gen - 1, saved or {})
         self.window_start = time.perf_counter()
         if self.taken == 0:  # the phase starts: one child per worker
+            self.spent = self.ledger.steps_before(1)  # the step budget counts generation 0's training too
             self.stopped = self.stopped or self.budget.exhausted(1)
             if self.generations > 0 and not self.stopped:
                 self.step.reporter.generation_start(self.stage, 1, self.offspring)
