@@ -193,7 +193,7 @@ class Evolution:
         """One child for the steady-state search, its ``birth``-th of the stage (1, 2, ...): a random
         immigrant with probability ``immigrant_share`` (one half while diversity is below
         ``min_diversity``), else by crossover or mutation as in ``vary``. Born in batch
-        ``(birth - 1) // offspring_size + 1``, so ids never collide with a generational run's."""
+        ``(birth - 1) // offspring_size + 1`` at index ``(birth - 1) % offspring_size``: one id per birth."""
         s = self.search
         lam = s.offspring_size
         spread = diversity(population, self.space)
