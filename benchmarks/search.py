@@ -376,6 +376,20 @@ def run_deap(task: Task, seed: int, budget: int, args) -> dict:
 
 
 # ----- Ray Tune ASHA --------------------------------------------------------------------------------
+def tune_trainable(trial, task: Task, key: str, args, out: Path, **params):
+    """``trial`` as a Ray Tune trainable with the stage, threads and resources of one evaluation; ``out``
+    emptied for the Tune experiment."""
+    from ray import tune
+
+    cpus, gpus = task.config.ray.num_cpus_per_trial, task.config.ray.num_gpus_per_trial
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return tune.with_resources(
+        tune.with_parameters(trial, stage=task.stage_payload(key), threads=max(1, int(cpus)), chunk=args.asha_chunk,
+                             use_gpu=gpus > 0, **params),
+        {"cpu": cpus, "gpu": gpus})
+
+
 def step_budget_stopper(budget: int):
     """A Tune stopper that records every report (its steps, loss, the perturbable genes PBT may have
     changed) and ends the experiment once the reported steps reach ``budget``."""
@@ -438,14 +452,8 @@ def run_asha(task: Task, seed: int, budget: int, args, out: Path) -> dict:
     n_trials = math.ceil(budget / fewest) + 2 * task.workers  # the budget runs out before the trials do
     genomes = [{name: gene.sample(rng) for name, gene in task.space.items()} for _ in range(n_trials)]
     seeds = [evaluation_seed(seed, 1, f"asha-{i}") for i in range(n_trials)]
-    cpus, gpus = task.config.ray.num_cpus_per_trial, task.config.ray.num_gpus_per_trial
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     stopper = step_budget_stopper(budget)
-    trainable = tune.with_resources(
-        tune.with_parameters(asha_trial, stage=task.stage_payload(f"asha-{seed}"), genomes=genomes, seeds=seeds,
-                             threads=max(1, int(cpus)), chunk=args.asha_chunk, use_gpu=gpus > 0),
-        {"cpu": cpus, "gpu": gpus})
+    trainable = tune_trainable(asha_trial, task, f"asha-{seed}", args, out, genomes=genomes, seeds=seeds)
     scheduler = ASHAScheduler(time_attr="steps", max_t=max_t, grace_period=min(args.asha_grace, max_t),
                               reduction_factor=args.asha_reduction_factor)
     tuner = tune.Tuner(
@@ -522,14 +530,8 @@ def run_pbt(task: Task, seed: int, budget: int, args, out: Path) -> dict:
     mutations = {k: (lambda gene=task.space[k]: gene.sample(sampler)) for k in mutable}
     param_space = {"index": tune.grid_search(list(range(args.population)))}
     param_space |= {k: tune.sample_from(lambda spec, k=k: genomes[spec.config["index"]][k]) for k in mutable}
-    cpus, gpus = task.config.ray.num_cpus_per_trial, task.config.ray.num_gpus_per_trial
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     stopper = step_budget_stopper(budget)
-    trainable = tune.with_resources(
-        tune.with_parameters(pbt_trial, stage=task.stage_payload(f"pbt-{seed}"), genomes=genomes, seed=seed,
-                             threads=max(1, int(cpus)), chunk=args.asha_chunk, use_gpu=gpus > 0),
-        {"cpu": cpus, "gpu": gpus})
+    trainable = tune_trainable(pbt_trial, task, f"pbt-{seed}", args, out, genomes=genomes, seed=seed)
     scheduler = PopulationBasedTraining(time_attr="steps", perturbation_interval=args.pbt_interval,
                                         hyperparam_mutations=mutations, quantile_fraction=0.25,
                                         resample_probability=0.25, synch=False)
