@@ -800,14 +800,15 @@ def report(results: dict, seeds: list[int]) -> dict:
 
 
 def print_merged_report(paths: list[Path]) -> int:
-    """The report of several runs of this script on one task (e.g. a method added later): their
-    results merged, the first file's winning for a method they share."""
-    results, seeds = {}, None
+    """The report of several runs of this script on one task (a method added later, more seeds): their
+    results merged, the first file's winning for a method and seed they share."""
+    results = {}
     for path in paths:
         for method, per_seed in json.loads(path.read_text())["results"].items():
-            results.setdefault(method, per_seed)
-            present = [int(s) for s in per_seed]
-            seeds = present if seeds is None else [s for s in seeds if s in present]
+            for seed, result in per_seed.items():
+                results.setdefault(method, {}).setdefault(seed, result)
+    # Only the seeds every method ran are compared.
+    seeds = sorted(set.intersection(*(set(int(s) for s in per_seed) for per_seed in results.values())))
     print(format_report(report(results, seeds)))
     return 0
 
