@@ -65,7 +65,7 @@ class SearchClock(Reporter):
 
 def run_evolm(raw: dict, mode: str, workers: int, out: Path) -> dict:
     raw = json.loads(json.dumps(raw))
-    raw["search"].update(mode=mode, inherit_weights=False)
+    raw["search"].update(mode=mode, inherit_weights=False, halving={"rungs": 1})  # whole evaluations, as the pool runs
     config = parse_config(raw)
     run_dir = out / mode
     shutil.rmtree(run_dir, ignore_errors=True)  # a leftover ledger would stand in for the evaluations

@@ -105,10 +105,11 @@ class WinnerConfig(Section):
 
 
 class HalvingConfig(Section):
-    """Successive halving within a generation: every new genome first trains a share of its
-    ``max_steps``; only the best continue, from where they paused, to the full budget."""
+    """Successive halving: every new genome first trains a share of its ``max_steps``; only the best
+    continue, from where they paused, to the full budget. On by default: at equal training steps it
+    found better genomes on every task of the search benchmark (benchmarks/README.md, search)."""
 
-    rungs: int = Field(default=1, ge=1, le=6)
+    rungs: int = Field(default=3, ge=1, le=6)
     """Budget levels; 1 turns halving off. With 3 rungs and reduction_factor 3 genomes train 1/9,
     then 1/3, then all of their max_steps."""
     reduction_factor: float = Field(default=3, gt=1)
@@ -130,9 +131,11 @@ class SearchConfig(Section):
     """lambda: new genomes made by crossover or mutation in each generation."""
     generations: int = Field(default=3, ge=0)
     """Generations of variation per stage, after the population is (re-)evaluated on the stage."""
-    mode: Literal["generational", "steady_state"] = "generational"
-    """generational: (mu + lambda) generation by generation, each waiting for its slowest evaluation.
-    steady_state: asynchronous, no barrier: as soon as a worker's result is taken, the child joins
+    mode: Literal["generational", "steady_state"] = "steady_state"
+    """generational: (mu + lambda) generation by generation, each waiting for its slowest evaluation;
+    two fresh runs of one config give the same result on any number of workers.
+    steady_state (the default: with halving it found the best genomes at equal steps on every task of
+    the search benchmark): asynchronous, no barrier: as soon as a worker's result is taken, the child joins
     the population (the worst of mu + 1 leaves) and the worker trains a new child bred from it, as
     many children in all as the generational search trains (``evolm.steady``). Results are taken in
     the order they finish, which the ledger records: a resume replays it exactly; on several workers
@@ -153,8 +156,8 @@ class SearchConfig(Section):
     """Genes added to, or replacing, the default space; ``null`` removes a default gene."""
     halving: HalvingConfig = Field(default_factory=HalvingConfig)
     scheduler: str | None = None
-    """How a generation's training is spent: a registered scheduler (``evolm.registry.SCHEDULERS``:
-    fifo, halving). None: halving when ``halving.rungs`` > 1, else fifo."""
+    """How a generation's training is spent (``mode: generational`` only): a registered scheduler
+    (``evolm.registry.SCHEDULERS``: fifo, halving). None: halving when ``halving.rungs`` > 1, else fifo."""
     step_budget: int | None = Field(default=None, ge=1)
     """Training steps a stage's search may spend: a generation trains only the offspring whose steps
     start below it, so a stage ends within one evaluation's steps of it. None: ``generations`` decides."""
@@ -196,8 +199,9 @@ class SearchConfig(Section):
                              f"(now {self.crossover_prob} + {self.mutation_prob})")
         if self.mode == "steady_state" and self.scheduler is not None:
             raise ValueError(f"search.scheduler {self.scheduler} schedules a generation's evaluations; "
-                             f"search.mode steady_state schedules its own (with asynchronous halving when "
-                             f"search.halving.rungs > 1): remove search.scheduler")
+                             f"search.mode steady_state (the default) schedules its own (with asynchronous "
+                             f"halving when search.halving.rungs > 1): remove search.scheduler, or set "
+                             f"search.mode: generational to keep it")
         if self.elitism > self.population_size:
             raise ValueError(f"elitism ({self.elitism}) must be <= population_size ({self.population_size})")
         for name, gene in self.space.items():

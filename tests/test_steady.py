@@ -83,8 +83,20 @@ def test_breeding_numbers_children_in_batches_of_offspring_size():
 def test_steady_state_with_a_generation_scheduler_is_refused_saying_why(corpora, tmp_path):
     raw = steady_experiment(corpora, tmp_path)
     raw["search"]["scheduler"] = "fifo"
-    with pytest.raises(ConfigError, match="steady_state schedules its own.*remove search.scheduler"):
+    with pytest.raises(ConfigError, match="steady_state .*schedules its own.*remove search.scheduler, or set "
+                                          "search.mode: generational"):
         parse_config(raw)
+    raw["search"]["mode"] = "generational"
+    assert parse_config(raw).search.scheduler == "fifo"
+
+
+def test_the_library_default_is_the_steady_state_with_asynchronous_halving(corpora, tmp_path):
+    """What won the search benchmark at equal steps is what a config that says nothing gets."""
+    raw = tiny_experiment(corpora, tmp_path)
+    raw["search"] = {}
+    search = parse_config(raw).search
+    assert (search.mode, search.halving.rungs, search.halving.reduction_factor) == ("steady_state", 3, 3)
+    assert search.inherit_weights and search.scheduler is None
 
 
 # ----- runs ----------------------------------------------------------------------------------------
