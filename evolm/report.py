@@ -77,12 +77,17 @@ def _experiment(run: RunRecords) -> str:
     model_text = model.get("name_or_path") or f"built: {built}"
     if isinstance(pre := model.get("pretrain"), dict):
         model_text += f"; pretrained on '{pre.get('name')}' for {pre.get('max_steps')} steps"
-    keys = ("population_size", "offspring_size", "generations", "tournament_size", "elitism",
-            "crossover_prob", "mutation_prob")
+    keys = ("mode", "population_size", "offspring_size", "generations", "tournament_size", "elitism",
+            "crossover_prob", "mutation_prob", "immigrant_share", "inherit_weights", "scheduler", "step_budget",
+            "time_budget", "run_time_budget")
+    settings = [f"{k}={search[k]}" for k in keys if search.get(k) is not None]
+    halving = search.get("halving")
+    if isinstance(halving, dict) and (halving.get("rungs") or 1) > 1:
+        settings.append(f"halving={halving['rungs']} rungs, factor {halving.get('reduction_factor')}")
     rows = [[_td("experiment"), _td(cfg.get("name", "?"))], [_td("run"), _td(run.name)],
             [_td("seed"), _td(cfg.get("seed", "?"))], [_td("model"), _td(model_text)],
             [_td("stages"), f"<td>{stages}</td>"],
-            [_td("search"), _td(", ".join(f"{k}={search[k]}" for k in keys if k in search))],
+            [_td("search"), _td(", ".join(settings))],
             [_td("search space"), _td(", ".join((search.get("space") or {}).keys()))],
             [_td("workers"), _td(run.workers())], [_td("state"), f"<td>{state}</td>"],
             [_td("evaluations"), _td(f"{len(evaluated)} ({sum(1 for e in evaluated if not e.ok)} failed)")]]

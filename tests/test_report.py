@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 from PIL import Image
 
 from evolm.jsonfiles import append_jsonl, read_jsonl
@@ -81,6 +82,19 @@ def test_an_evaluation_counts_once_whatever_its_cached_flag_says():
         first, first | {"generation": 2}, {"stage": 1, "genome_id": "b", "result_of": "a", "cached": True},
         {"stage": 2, "genome_id": "a", "result_of": "a", "cached": False}, {"stage": 1, "genome_id": "c"}])
     assert trained_evaluations(records) == [records[0], records[3], records[4]]
+
+
+def test_the_search_row_says_how_the_search_ran(run_dir, page, tmp_path):
+    row = re.search(r"<tr><td>search</td><td>([^<]*)</td></tr>", page).group(1)
+    assert "mode=generational" in row and "inherit_weights=True" in row and "halving" not in row
+    assert "step_budget" not in row  # unset budgets are not shown
+    copy = tmp_path / "steady"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("plots", "report.html"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["search"].update(mode="steady_state", halving={"rungs": 3, "reduction_factor": 3}, step_budget=900)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    row = re.search(r"<tr><td>search</td><td>([^<]*)</td></tr>", write_report(copy).read_text()).group(1)
+    assert "mode=steady_state" in row and "halving=3 rungs, factor 3" in row and "step_budget=900" in row
 
 
 def test_text_from_files_is_escaped(run_dir, tmp_path):
