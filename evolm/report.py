@@ -83,7 +83,9 @@ def _experiment(run: RunRecords) -> str:
     settings = [f"{k}={search[k]}" for k in keys if search.get(k) is not None]
     halving = search.get("halving")
     if isinstance(halving, dict) and (halving.get("rungs") or 1) > 1:
-        settings.append(f"halving={halving['rungs']} rungs, factor {halving.get('reduction_factor')}")
+        factor = halving.get("reduction_factor")
+        settings.append(f"halving={halving['rungs']} rungs, factor {factor:g}" if isinstance(factor, (int, float))
+                        else f"halving={halving['rungs']} rungs")
     rows = [[_td("experiment"), _td(cfg.get("name", "?"))], [_td("run"), _td(run.name)],
             [_td("seed"), _td(cfg.get("seed", "?"))], [_td("model"), _td(model_text)],
             [_td("stages"), f"<td>{stages}</td>"],
