@@ -2,7 +2,8 @@
 one-thread processes running the same evaluations, and how busy evolm keeps its workers.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/overhead.py [--experiment experiments/quickstart.yaml] \\
-        [--stage code] [--population 6 --offspring 6 --generations 3] [--workers 2] [--modes generational,steady_state]
+        [--stage code] [--population 6 --offspring 6 --generations 3] [--workers 2] [--modes generational,steady_state] \\
+        [--max-steps 20 80]
 
 The task is the search benchmark's (``benchmarks/search.py``): one stage of the experiment, its base
 model built and pretrained once (``<out>/base``). For each ``--mode`` evolm runs its real path: a
@@ -18,7 +19,9 @@ start-up (evolm from its first generation, the pool once warm) and with it (evol
 the pool from its creation).
 
 Busy: the share of the workers' time spent in evaluations during evolm's search, sum of the
-evaluations' seconds / (search seconds x workers); per generation, and after generation 0.
+evaluations' seconds / (search seconds x workers); per generation, and after generation 0. Eval s vs
+pool: the same genomes' evaluation seconds (training and validation alone) in evolm's workers over the
+pool's, i.e. how much slower an evaluation runs beside Ray's own processes and evolm's driver.
 Writes <out>/overhead.json and prints a table.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ray  # noqa: E402
 import torch  # noqa: E402
 
 from evolm.configfile import parse_config  # noqa: E402
@@ -78,6 +82,7 @@ def run_evolm(raw: dict, mode: str, workers: int, out: Path) -> dict:
 
     def make():
         clock.made = time.perf_counter()  # Ray's start, for the figure with start-up included
+        ray.shutdown()  # each mode pays Ray's start, as the pool pays its processes'
         return Keeping(config.ray, workers=workers)
 
     run = ContinualRun(config, run_dir, make, clock)
@@ -132,7 +137,7 @@ def run_pool(evolm: dict, workers: int) -> dict:
     evolm_loss = {r["genome_id"]: (r["objectives"] or {}).get("val_loss") for r in evolm["records"]}
     differ = [gid for gid, loss, _ in results if loss != evolm_loss[gid]]
     return {"seconds": seconds, "with_start_seconds": start - made + seconds,
-            "evaluations": len(jobs), "losses_differ": differ,
+            "evaluations": len(jobs), "losses_differ": differ, "evaluation_seconds": sum(s for _, _, s in results),
             "busy": sum(s for _, _, s in results) / (seconds * workers)}
 
 
@@ -147,6 +152,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="generational,steady_state")
     p.add_argument("--base", type=Path, help="a saved model directory to fine-tune instead of building one")
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps of the base (default: the experiment's)")
+    p.add_argument("--max-steps", type=int, nargs=2, metavar=("LOW", "HIGH"),
+                   help="the max_steps gene's range (default: the experiment's); longer evaluations make the "
+                        "per-stage fixed costs (generation 0, the merge, the saved model) a smaller share")
     p.add_argument("--out", type=Path, default=Path("results/bench-overhead"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -154,8 +162,10 @@ def main(argv=None) -> int:
     base_dir = prepare_base(config, args)
     raw["model"] = {"name_or_path": str(base_dir.resolve()), "build": None, "pretrain": None}
     raw["prompts"] = []
-    report = {"workers": args.workers, "population": args.population, "offspring": args.offspring,
-              "generations": args.generations, "modes": {}}
+    if args.max_steps:
+        raw["search"]["space"]["max_steps"] = {"type": "int", "low": args.max_steps[0], "high": args.max_steps[1]}
+    report = {"max_steps": raw["search"]["space"]["max_steps"], "workers": args.workers,
+              "population": args.population, "offspring": args.offspring, "generations": args.generations, "modes": {}}
     for mode in args.modes.split(","):
         evolm = run_evolm(raw, mode, args.workers, args.out)
         pool = run_pool(evolm, args.workers)
@@ -169,15 +179,19 @@ def main(argv=None) -> int:
             "with_start_throughput_vs_pool": round(pool["with_start_seconds"] / evolm["with_start_seconds"], 3),
             "busy": round(evolm["busy"], 3), "busy_after_generation_0": round(evolm["busy_later"] or 0.0, 3),
             "busy_per_generation": evolm["busy_per_generation"], "pool_busy": round(pool["busy"], 3),
+            # the same genomes' training and validation alone, in evolm's workers against the pool's processes
+            "evaluation_seconds_vs_pool": round(sum(r["seconds"] or 0.0 for r in evolm["records"])
+                                                / pool["evaluation_seconds"], 3),
             "losses_differ": pool["losses_differ"]}
         print(json.dumps({mode: report["modes"][mode]}), flush=True)
     (args.out / "overhead.json").write_text(json.dumps(report, indent=2))
     print(f"\n{'mode':<14} {'evals':>5} {'evolm s':>8} {'pool s':>7} {'evolm/pool':>10} {'with start-up':>13} "
-          f"{'busy':>5} {'busy after gen 0':>16}")
+          f"{'busy':>5} {'busy after gen 0':>16} {'eval s vs pool':>14}")
     for mode, m in report["modes"].items():
         print(f"{mode:<14} {m['evaluations']:>5} {m['evolm_seconds']:>8.1f} {m['pool_seconds']:>7.1f} "
               f"{m['throughput_vs_pool']:>10.1%} {m['with_start_throughput_vs_pool']:>13.1%} {m['busy']:>5.0%} "
-              f"{m['busy_after_generation_0']:>16.0%}" + ("  LOSSES DIFFER" if m["losses_differ"] else ""))
+              f"{m['busy_after_generation_0']:>16.0%} {m['evaluation_seconds_vs_pool']:>14.1%}"
+              + ("  LOSSES DIFFER" if m["losses_differ"] else ""))
     return 0
 
 
