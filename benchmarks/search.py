@@ -186,18 +186,61 @@ def run_evolm(task: Task, method: str, seed: int, args, base_raw: dict, out: Pat
 
 
 def evolm_rows(out: Path) -> list[dict]:
-    """One row per trained evaluation of an evolm run directory, in the order they were written."""
-    rows = []
-    for line in (out / "evaluations.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    """One row per trained evaluation of an evolm run directory, in the order they were written. In a
+    steady-state run a row taken after generation 0 also carries ``at_steps``: the steps the run had
+    trained when it was taken (see ``steady_state_steps``)."""
+    rows, records = [], [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    at_steps = steady_state_steps(out, records)
+    for i, r in enumerate(records):
         if r["cached"]:  # a twin was trained earlier in the run: no steps, same loss
             continue
-        steps = r["steps"] if r.get("steps") is not None else (r.get("curve") or {}).get("steps", 0)
         ok = r["status"] == "ok"
         rows.append({"values": r["values"], "val_loss": r["objectives"]["val_loss"] if ok else INF,
-                     "steps": int(steps), "status": r["status"], "error": r.get("error"), "genome_id": r["genome_id"],
-                     "generation": r["generation"]})
+                     "steps": record_steps(r), "status": r["status"], "error": r.get("error"),
+                     "genome_id": r["genome_id"], "generation": r["generation"]} | (
+                        {"at_steps": at_steps[i]} if i in at_steps else {}))
     return rows
+
+
+def record_steps(r: dict) -> int:
+    return int(r["steps"] if r.get("steps") is not None else (r.get("curve") or {}).get("steps", 0))
+
+
+def steady_state_steps(out: Path, records: list[dict]) -> dict[int, int]:
+    """{index in evaluations.jsonl: steps trained when that record was taken}, for the takes after
+    generation 0 of a steady-state run. Its records are written in the order results were taken, and
+    each rung result (rungs.jsonl) says how many takes came before it, so the steps spent up to a take
+    are known exactly: generation 0's, then each rung result's and each take's new steps in arrival
+    order (a child's steps are cumulative over its rungs)."""
+    config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+    if ((config or {}).get("search") or {}).get("mode") != "steady_state":
+        return {}
+    rung_path, rungs, seen = out / "rungs.jsonl", [], set()
+    for line in (rung_path.read_text().splitlines() if rung_path.exists() else []):
+        r = json.loads(line)
+        key = (r["generation"], r["genome_id"], r["rung"])
+        if isinstance(r.get("takes_before"), int) and key not in seen:  # a steady-state rung, first record
+            seen.add(key)
+            rungs.append(r)
+    spent = sum(record_steps(r) for r in records if r["generation"] == 0 and not r["cached"])
+    counted: dict[str, int] = {}  # steps of each child already charged (its earlier rungs)
+
+    def charge(r: dict) -> None:
+        nonlocal spent
+        steps = 0 if r.get("cached") else record_steps(r)
+        spent += max(0, steps - counted.get(r["genome_id"], 0))
+        counted[r["genome_id"]] = max(steps, counted.get(r["genome_id"], 0))
+
+    at, taken = {}, 0
+    for i, r in enumerate(records):
+        if r["generation"] == 0:
+            continue
+        while rungs and rungs[0]["takes_before"] <= taken:
+            charge(rungs.pop(0))
+        charge(r)
+        taken += 1
+        at[i] = spent
+    return at
 
 
 # ----- random search --------------------------------------------------------------------------------
@@ -561,14 +604,16 @@ def score(rows: list[dict], budget: int | None) -> dict:
         best = min(best, r["val_loss"])
         counted += 1
         curve.append([spent, best])
-    # evolm writes a generation's records as genomes stop, while successive halving has already spent
-    # the earlier rungs of the genomes still running: charge each point the steps of its whole generation
+    # evolm's generational search writes a generation's records as genomes stop, while successive
+    # halving has already spent the earlier rungs of the genomes still running: charge each point the
+    # steps of its whole generation. A steady-state take knows its own (at_steps).
     generation_end, spent_so_far = {}, 0
     for r in rows[:counted]:
         spent_so_far += r["steps"]
         if "generation" in r:
             generation_end[r["generation"]] = spent_so_far
-    curve = [[generation_end.get(r.get("generation"), point[0]), point[1]] for r, point in zip(rows, curve)]
+    curve = [[r.get("at_steps", generation_end.get(r.get("generation"), point[0])), point[1]]
+             for r, point in zip(rows, curve)]
     # an ASHA trial reports several times: it is one evaluation
     evaluations = len({r.get("trial", i) for i, r in enumerate(rows[:counted])})
     return {"best_val_loss": best if math.isfinite(best) else None, "steps": spent,
@@ -802,11 +847,22 @@ def report(results: dict, seeds: list[int]) -> dict:
 def print_merged_report(paths: list[Path]) -> int:
     """The report of several runs of this script on one task (a method added later, more seeds): their
     results merged, the first file's winning for a method and seed they share."""
-    results = {}
+    results, rederived = {}, 0
     for path in paths:
         for method, per_seed in json.loads(path.read_text())["results"].items():
             for seed, result in per_seed.items():
-                results.setdefault(method, {}).setdefault(seed, result)
+                if seed in results.setdefault(method, {}):
+                    continue
+                run = path.parent / f"seed-{seed}" / method
+                if method in EVOLM_VARIANTS and (run / "evaluations.jsonl").exists():
+                    # the steps charged to each result as this script charges them now (steady state: exact)
+                    rows, plain = evolm_rows(run), results.get("evolm", {}).get(seed) or result
+                    result["curve"] = score(rows, result.get("budget"))["curve"]
+                    result["steps_to_reach_evolm_best"] = steps_to_reach(score(rows, None)["curve"],
+                                                                         plain["best_val_loss"])
+                    rederived += 1
+                results[method][seed] = result
+    print(f"{rederived} evolm runs' step curves re-derived from their run directories", flush=True)
     # Only the seeds every method ran are compared.
     seeds = sorted(set.intersection(*(set(int(s) for s in per_seed) for per_seed in results.values())))
     print(format_report(report(results, seeds)))
