@@ -707,7 +707,8 @@ def main(argv=None) -> int:
     p.add_argument("--asha-reduction-factor", type=float, default=3)
     p.add_argument("--pbt-interval", type=int, default=20, help="PBT's perturbation interval, in steps")
     p.add_argument("--report-from", type=Path, nargs="+", metavar="SEARCH_JSON",
-                   help="print the report of earlier runs' search.json files (their methods merged), run nothing")
+                   help="print the report of earlier runs' search.json files (methods and seeds merged, the "
+                        "first file's winning; evolm curves re-derived from run directories beside them), run nothing")
     args = p.parse_args(argv)
     if args.report_from:
         return print_merged_report(args.report_from)
@@ -856,10 +857,12 @@ def print_merged_report(paths: list[Path]) -> int:
                 run = path.parent / f"seed-{seed}" / method
                 if method in EVOLM_VARIANTS and (run / "evaluations.jsonl").exists():
                     # the steps charged to each result as this script charges them now (steady state: exact)
-                    rows, plain = evolm_rows(run), results.get("evolm", {}).get(seed) or result
+                    rows = evolm_rows(run)
+                    plain = result if method == "evolm" else results.get("evolm", {}).get(seed)
                     result["curve"] = score(rows, result.get("budget"))["curve"]
-                    result["steps_to_reach_evolm_best"] = steps_to_reach(score(rows, None)["curve"],
-                                                                         plain["best_val_loss"])
+                    if plain is not None:
+                        result["steps_to_reach_evolm_best"] = steps_to_reach(score(rows, None)["curve"],
+                                                                             plain["best_val_loss"])
                     rederived += 1
                 results[method][seed] = result
     print(f"{rederived} evolm runs' step curves re-derived from their run directories", flush=True)
