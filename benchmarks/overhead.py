@@ -81,8 +81,8 @@ def run_evolm(raw: dict, mode: str, workers: int, out: Path) -> dict:
             super().set_stage(stage)
 
     def make():
-        clock.made = time.perf_counter()  # Ray's start, for the figure with start-up included
         ray.shutdown()  # each mode pays Ray's start, as the pool pays its processes'
+        clock.made = time.perf_counter()  # Ray's start, for the figure with start-up included
         return Keeping(config.ray, workers=workers)
 
     run = ContinualRun(config, run_dir, make, clock)
