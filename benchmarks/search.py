@@ -848,23 +848,22 @@ def report(results: dict, seeds: list[int]) -> dict:
 def print_merged_report(paths: list[Path]) -> int:
     """The report of several runs of this script on one task (a method added later, more seeds): their
     results merged, the first file's winning for a method and seed they share."""
-    results, rederived = {}, 0
+    results, runs = {}, {}
     for path in paths:
         for method, per_seed in json.loads(path.read_text())["results"].items():
             for seed, result in per_seed.items():
-                if seed in results.setdefault(method, {}):
-                    continue
-                run = path.parent / f"seed-{seed}" / method
-                if method in EVOLM_VARIANTS and (run / "evaluations.jsonl").exists():
-                    # the steps charged to each result as this script charges them now (steady state: exact)
-                    rows = evolm_rows(run)
-                    plain = result if method == "evolm" else results.get("evolm", {}).get(seed)
-                    result["curve"] = score(rows, result.get("budget"))["curve"]
-                    if plain is not None:
-                        result["steps_to_reach_evolm_best"] = steps_to_reach(score(rows, None)["curve"],
-                                                                             plain["best_val_loss"])
-                    rederived += 1
-                results[method][seed] = result
+                if seed not in results.setdefault(method, {}):
+                    results[method][seed], runs[method, seed] = result, path.parent / f"seed-{seed}" / method
+    rederived = 0
+    for (method, seed), run in runs.items():
+        if method in EVOLM_VARIANTS and (run / "evaluations.jsonl").exists():
+            # the steps charged to each result as this script charges them now (steady state: exact)
+            rows, result, plain = evolm_rows(run), results[method][seed], results.get("evolm", {}).get(seed)
+            result["curve"] = score(rows, result.get("budget"))["curve"]
+            if plain is not None:
+                result["steps_to_reach_evolm_best"] = steps_to_reach(score(rows, None)["curve"],
+                                                                     plain["best_val_loss"])
+            rederived += 1
     print(f"{rederived} evolm runs' step curves re-derived from their run directories", flush=True)
     # Only the seeds every method ran are compared.
     seeds = sorted(set.intersection(*(set(int(s) for s in per_seed) for per_seed in results.values())))

@@ -168,6 +168,15 @@ class Evolution:
             n = max(n, s.offspring_size // 2)
         return min(n, s.offspring_size)
 
+    def immigrant(self, population: list[Genome]) -> tuple[dict, list[str], list[str]]:
+        """(values, parents, ops) of a random immigrant. With ``inherit_weights`` its parent is the
+        population's best genome (first objective): random genes, that genome's trained adapter to start
+        from, as PBT's resample explores. A fresh adapter would be judged against children that start
+        trained, and with successive halving it would almost never pass the first rung."""
+        ranked = [g for g in population if g.fitness.valid] if self.search.inherit_weights else []
+        best = min(ranked, key=lambda g: (g.fitness.values[0], g.id)) if ranked else None
+        return self.random_values(), [best.id] if best else [], ["random"]
+
     def vary(self, population: list[Genome], stage: int, generation: int) -> list[Genome]:
         """lambda offspring: the generation's random immigrants first, then each by crossover,
         mutation, or (when the two probabilities sum below 1) as a random immigrant too."""
@@ -176,7 +185,7 @@ class Evolution:
         for i in range(s.offspring_size):
             roll = self.rng.random()
             if i < n_immigrants:
-                values, parents, ops = self.random_values(), [], ["random"]
+                values, parents, ops = self.immigrant(population)
             elif roll < s.crossover_prob:
                 p1, p2 = self.toolbox.select(population, 2)
                 values, parents, ops = self.toolbox.mate(p1.values, p2.values), [p1.id, p2.id], [f"cx_uniform({p1.id}, {p2.id})"]
@@ -185,7 +194,7 @@ class Evolution:
                 values, op = self.toolbox.mutate(p.values)
                 parents, ops = [p.id], [op]
             else:
-                values, parents, ops = self.random_values(), [], ["random"]
+                values, parents, ops = self.immigrant(population)
             offspring.append(self.genome(values, stage, generation, i, parents, ops))
         return offspring
 
@@ -200,7 +209,7 @@ class Evolution:
         immigrant = s.immigrant_share if spread is None or spread >= s.min_diversity else max(0.5, s.immigrant_share)
         roll = self.rng.random()
         if self.rng.random() < immigrant or roll >= s.crossover_prob + s.mutation_prob:
-            values, parents, ops = self.random_values(), [], ["random"]
+            values, parents, ops = self.immigrant(population)
         elif roll < s.crossover_prob:
             p1, p2 = self.toolbox.select(population, 2)
             values, parents, ops = self.toolbox.mate(p1.values, p2.values), [p1.id, p2.id], [f"cx_uniform({p1.id}, {p2.id})"]

@@ -59,6 +59,20 @@ def test_immigrants_enter_every_generation_and_burst_when_collapsed():
     assert evo.immigrants(collapsed) == 3  # a burst: half of the offspring
 
 
+def test_an_immigrant_starts_from_the_best_genome_when_weights_are_inherited():
+    """Random genes and the best adapter (PBT's resample): a fresh adapter against children that start
+    trained would not pass successive halving's first rung."""
+    space = {"x": gene({"type": "uniform", "low": 0.0, "high": 1.0})}
+    evo = Evolution(space, SearchConfig(inherit_weights=True), 0)
+    pop = population(evo, [{"x": 0.1}, {"x": 0.5}, {"x": 0.9}])
+    pop[0].fitness.values, pop[2].fitness.values = (3.0,), (0.5,)  # the third is the best
+    values, parents, ops = evo.immigrant(pop)
+    assert parents == [pop[2].id] and ops == ["random"] and space["x"].contains(values["x"])
+    assert evo.immigrant([evo.genome({"x": 0.2}, 1, 0, 9)])[1] == []  # nobody evaluated yet: fresh
+    no_inheritance = Evolution(space, SearchConfig(inherit_weights=False), 0)
+    assert no_inheritance.immigrant(pop)[1] == []
+
+
 def test_diversity_of_distinct_and_equal_genomes():
     space = {"m": gene({"type": "layer_mask", "n_layers": 4}), "r": gene({"type": "categorical", "choices": [2, 4]})}
     evo = Evolution(space, SearchConfig(), 0)
