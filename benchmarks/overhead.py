@@ -136,9 +136,10 @@ def run_pool(evolm: dict, workers: int) -> dict:
         seconds = time.perf_counter() - start
     evolm_loss = {r["genome_id"]: (r["objectives"] or {}).get("val_loss") for r in evolm["records"]}
     differ = [gid for gid, loss, _ in results if loss != evolm_loss[gid]]
+    evaluation_seconds = sum(s for _, _, s in results)
     return {"seconds": seconds, "with_start_seconds": start - made + seconds,
-            "evaluations": len(jobs), "losses_differ": differ, "evaluation_seconds": sum(s for _, _, s in results),
-            "busy": sum(s for _, _, s in results) / (seconds * workers)}
+            "evaluations": len(jobs), "losses_differ": differ, "evaluation_seconds": evaluation_seconds,
+            "busy": evaluation_seconds / (seconds * workers)}
 
 
 def main(argv=None) -> int:

@@ -57,6 +57,7 @@ from evolm.continual import ContinualRun, Reporter  # noqa: E402
 from evolm.errors import EvolmError  # noqa: E402
 from evolm.executor import EvalRequest, RayExecutor, StagePayload  # noqa: E402
 from evolm.genome import evaluation_seed, genome_text, hyperparameters  # noqa: E402
+from evolm.jsonfiles import read_jsonl  # noqa: E402
 from evolm.models import ModelPayload, family_and_layers, load_model, save_model  # noqa: E402
 from evolm.space import Boolean, Categorical, Integer, LayerMask, LogUniform, Uniform  # noqa: E402
 from evolm.train import evaluate_genome, pick_device  # noqa: E402
@@ -189,7 +190,7 @@ def evolm_rows(out: Path) -> list[dict]:
     """One row per trained evaluation of an evolm run directory, in the order they were written. In a
     steady-state run a row taken after generation 0 also carries ``at_steps``: the steps the run had
     trained when it was taken (see ``steady_state_steps``)."""
-    rows, records = [], [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    rows, records = [], read_jsonl(out / "evaluations.jsonl")
     at_steps = steady_state_steps(out, records)
     for i, r in enumerate(records):
         if r["cached"]:  # a twin was trained earlier in the run: no steps, same loss
@@ -215,9 +216,8 @@ def steady_state_steps(out: Path, records: list[dict]) -> dict[int, int]:
     config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
     if ((config or {}).get("search") or {}).get("mode") != "steady_state":
         return {}
-    rung_path, rungs, seen = out / "rungs.jsonl", [], set()
-    for line in (rung_path.read_text().splitlines() if rung_path.exists() else []):
-        r = json.loads(line)
+    rungs, seen = [], set()
+    for r in read_jsonl(out / "rungs.jsonl"):
         key = (r["generation"], r["genome_id"], r["rung"])
         if isinstance(r.get("takes_before"), int) and key not in seen:  # a steady-state rung, first record
             seen.add(key)
@@ -225,9 +225,9 @@ def steady_state_steps(out: Path, records: list[dict]) -> dict[int, int]:
     spent = sum(record_steps(r) for r in records if r["generation"] == 0 and not r["cached"])
     counted: dict[str, int] = {}  # steps of each child already charged (its earlier rungs)
 
-    def charge(r: dict) -> None:
+    def charge(r: dict) -> None:  # a cached twin's record says 0 steps
         nonlocal spent
-        steps = 0 if r.get("cached") else record_steps(r)
+        steps = record_steps(r)
         spent += max(0, steps - counted.get(r["genome_id"], 0))
         counted[r["genome_id"]] = max(steps, counted.get(r["genome_id"], 0))
 
